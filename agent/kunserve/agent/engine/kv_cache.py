@@ -1,0 +1,106 @@
+"""Physical paged KV storage that grows and shrinks in place.
+
+The pool is a list of segments; each segment holds `n` blocks for every layer this process keeps:
+tensor [layers, 2 (k/v), n, block_size, kv_heads, head_dim]. Block ids are global and contiguous across
+segments. Growing appends a segment (no live block moves); shrinking removes whole tail segments. The
+block manager does the accounting; this class only stores bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kunserve.agent.errors import PoolError
+
+
+@dataclass(slots=True)
+class _Segment:
+    first_block: int
+    num_blocks: int
+    data: torch.Tensor  # [layers, 2, num_blocks, block_size, kv_heads, head_dim]
+
+
+class KVCache:
+    def __init__(
+        self,
+        layer_ids: list[int],
+        num_kv_heads: int,
+        head_dim: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.layer_index = {layer: i for i, layer in enumerate(layer_ids)}
+        self.num_kv_heads, self.head_dim, self.block_size = num_kv_heads, head_dim, block_size
+        self.dtype, self.device = dtype, device
+        self.segments: list[_Segment] = []
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(s.num_blocks for s in self.segments)
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block across every held layer (k and v)."""
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return self.block_size * len(self.layer_index) * 2 * self.num_kv_heads * self.head_dim * elem
+
+    def add_blocks(self, n: int) -> range:
+        """Append a segment of n blocks; returns their ids."""
+        if n <= 0:
+            raise PoolError(f"cannot grow the KV pool by {n} blocks")
+        first = self.num_blocks
+        shape = (len(self.layer_index), 2, n, self.block_size, self.num_kv_heads, self.head_dim)
+        self.segments.append(_Segment(first, n, torch.zeros(shape, dtype=self.dtype, device=self.device)))
+        return range(first, first + n)
+
+    def remove_tail_blocks(self, n: int) -> None:
+        """Drop the last n blocks; n must cover whole tail segments (the ones added by grows)."""
+        remaining = n
+        cut = len(self.segments)
+        while remaining > 0 and cut > 0:
+            remaining -= self.segments[cut - 1].num_blocks
+            cut -= 1
+        if remaining != 0 or cut == 0:
+            sizes = [s.num_blocks for s in self.segments]
+            raise PoolError(f"cannot shrink by {n} blocks: tail segments are {sizes} (whole segments only)")
+        del self.segments[cut:]
+
+    def _flat(self, seg: _Segment, layer: int, kv: int) -> torch.Tensor:
+        # [num_blocks * block_size, kv_heads, head_dim] view of one layer's k or v.
+        return seg.data[self.layer_index[layer], kv].view(-1, self.num_kv_heads, self.head_dim)
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k/v [N, kv_heads, head_dim] at flat slots [N] (block_id * block_size + offset)."""
+        if len(self.segments) == 1:
+            seg = self.segments[0]
+            self._flat(seg, layer, 0).index_copy_(0, slots, k)
+            self._flat(seg, layer, 1).index_copy_(0, slots, v)
+            return
+        for seg, sel, local in self._split(slots):
+            self._flat(seg, layer, 0).index_copy_(0, local, k[sel])
+            self._flat(seg, layer, 1).index_copy_(0, local, v[sel])
+
+    def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v at flat slots [M] -> two [M, kv_heads, head_dim] tensors."""
+        if len(self.segments) == 1:
+            seg = self.segments[0]
+            return self._flat(seg, layer, 0).index_select(0, slots), self._flat(seg, layer, 1).index_select(0, slots)
+        shape = (slots.numel(), self.num_kv_heads, self.head_dim)
+        k = torch.empty(shape, dtype=self.dtype, device=self.device)
+        v = torch.empty_like(k)
+        for seg, sel, local in self._split(slots):
+            k[sel] = self._flat(seg, layer, 0).index_select(0, local)
+            v[sel] = self._flat(seg, layer, 1).index_select(0, local)
+        return k, v
+
+    def _split(self, slots: torch.Tensor) -> list[tuple[_Segment, torch.Tensor, torch.Tensor]]:
+        out = []
+        for seg in self.segments:
+            lo, hi = seg.first_block * self.block_size, (seg.first_block + seg.num_blocks) * self.block_size
+            sel = ((slots >= lo) & (slots < hi)).nonzero().squeeze(1)
+            if sel.numel():
+                out.append((seg, sel, slots[sel] - lo))
+        return out
