@@ -79,7 +79,8 @@ def bench_hf(model_dir: str, device: torch.device, prompt_ids: list[int], batch:
              repeats: int) -> Row:
     from transformers import LlamaForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = model.to(device).eval()  # type: ignore[arg-type]
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     ids = torch.tensor([prompt_ids] * batch, device=device)

@@ -35,7 +35,7 @@ class AttentionMetadata:
 
 def paged_attention(q: torch.Tensor, layer: int, meta: AttentionMetadata, cache: KVCache) -> torch.Tensor:
     """q: [N, H, D] -> attention output [N, H, D]."""
-    n, num_heads, head_dim = q.shape
+    _, num_heads, head_dim = q.shape
     kv_heads = cache.num_kv_heads
     group = num_heads // kv_heads
     scale = head_dim**-0.5

@@ -67,7 +67,8 @@ class BlockManager:
 
     def can_shrink(self, n: int) -> bool:
         """True when the n highest block ids are all free."""
-        return 0 < n <= self.num_blocks and all(b not in self._used for b in range(self.num_blocks - n, self.num_blocks))
+        top = range(self.num_blocks - n, self.num_blocks)
+        return 0 < n <= self.num_blocks and all(b not in self._used for b in top)
 
     def shrink(self, n: int) -> None:
         """Remove the n highest block ids; they must be free (PoolError otherwise, nothing changes)."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Sequence
+
 import torch
 
 from kunserve.agent.engine.block_manager import BlockManager
@@ -18,7 +20,8 @@ from kunserve.agent.engine.model_runner import ModelRunner
 from kunserve.agent.engine.output import Pressure, RequestOutput, RequestState
 from kunserve.agent.engine.sampler import Sampler
 from kunserve.agent.engine.scheduler import Scheduler
-from kunserve.agent.engine.sequence import FinishReason, SamplingParams, Sequence
+from kunserve.agent.engine.sequence import FinishReason, SamplingParams
+from kunserve.agent.engine.sequence import Sequence as Seq
 from kunserve.agent.errors import InvalidRequestError, PoolError
 from kunserve.agent.model.loader import Checkpoint, load_model, parse_dtype, weight_bytes
 from kunserve.agent.model.tokenizer import Tokenizer
@@ -87,7 +90,7 @@ class LLMEngine:
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._requests:
             raise InvalidRequestError(f"request id {request_id!r} is already running")
-        seq = Sequence(request_id, ids, params)
+        seq = Seq(request_id, ids, params)
         self._requests[request_id] = RequestState(seq, self.tokenizer)
         self.scheduler.add(seq)
         return request_id
@@ -130,7 +133,7 @@ class LLMEngine:
         return outputs
 
     def generate(
-        self, prompts: list[str] | list[list[int]], params: SamplingParams | list[SamplingParams]
+        self, prompts: Sequence[str | list[int]], params: SamplingParams | list[SamplingParams]
     ) -> list[RequestOutput]:
         """Run prompts to completion; returns one cumulative output per prompt, in order."""
         plist = params if isinstance(params, list) else [params] * len(prompts)

@@ -57,6 +57,8 @@ class RotaryEmbedding(nn.Module):
         pos = torch.arange(config.max_position_embeddings, dtype=torch.float32)
         freqs = torch.outer(pos, inv_freq)  # [P, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [P, D]
+        self.cos: torch.Tensor
+        self.sin: torch.Tensor
         self.register_buffer("cos", emb.cos().to(dtype=dtype, device=device), persistent=False)
         self.register_buffer("sin", emb.sin().to(dtype=dtype, device=device), persistent=False)
 
@@ -144,10 +146,7 @@ class LlamaModel(nn.Module):
         self, inputs: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache
     ) -> torch.Tensor:
         """inputs: token ids [N] on the first stage, else hidden states [N, hidden] -> hidden [N, hidden]."""
-        if self.embed_tokens is not None:
-            x = self.embed_tokens(inputs)
-        else:
-            x = inputs.to(self.dtype)
+        x = self.embed_tokens(inputs) if self.embed_tokens is not None else inputs.to(self.dtype)
         rope = self.rope(meta.positions)
         for layer in self.layers.values():
             x = layer(x, rope, meta, kv_cache)
