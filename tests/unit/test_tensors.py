@@ -10,6 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from kunserve.rpc.tensors import (
     DTYPES,
     MAX_MESSAGE_BYTES,

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
+
 from kunserve.rpc.v1 import tensor_pb2
 
 __all__ = [
