@@ -87,7 +87,8 @@ class LLMEngine:
             raise InvalidRequestError(
                 f"prompt has {len(ids)} tokens; at most {limit - 1} fit this engine's context of {limit} tokens"
             )
-        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id is None:
+            request_id = next(i for i in (f"req-{n}" for n in self._ids) if i not in self._requests)
         if request_id in self._requests:
             raise InvalidRequestError(f"request id {request_id!r} is already running")
         seq = Seq(request_id, ids, params)
@@ -166,5 +167,10 @@ class LLMEngine:
         """Give back the last num_blocks blocks; PoolError (nothing changes) if any is in use."""
         if not self.block_manager.can_shrink(num_blocks):
             self.block_manager.shrink(num_blocks)  # raises the detailed PoolError
+        remaining = self.block_manager.num_blocks - num_blocks
+        longest = max((s.seq.num_tokens + 1 for s in self._requests.values()), default=0)
+        if self.block_manager.blocks_for(longest) > remaining:
+            raise PoolError(f"cannot shrink to {remaining} blocks: a live request needs "
+                            f"{self.block_manager.blocks_for(longest)}")
         self.kv_cache.remove_tail_blocks(num_blocks)
         self.block_manager.shrink(num_blocks)

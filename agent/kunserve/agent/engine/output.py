@@ -57,7 +57,9 @@ class RequestState:
     def on_token(self, token: int, eos_ids: frozenset[int], context_limit: int) -> RequestOutput:
         seq, p = self.seq, self.seq.params
         self.text += self.detok.add(token)
-        if (not p.ignore_eos and token in eos_ids) or token in p.stop_token_ids or (p.stop and self._cut_at_stop()):
+        # The stop-string cut runs first so a stop string never survives a stop token that also ends the text.
+        cut = bool(p.stop) and self._cut_at_stop()
+        if cut or (not p.ignore_eos and token in eos_ids) or token in p.stop_token_ids:
             seq.finish_reason = FinishReason.STOP
         elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= context_limit:
             seq.finish_reason = FinishReason.LENGTH
