@@ -111,21 +111,25 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batch_sizes.split(",")]
-    engine = LLMEngine(EngineConfig(model=args.model, device=args.device, progress=False,
-                                    max_num_seqs=max(batches), torch_threads=args.threads))
+    # One engine per batch size, configured for it (max_num_seqs = batch): with weight_layout "auto" a
+    # batch-1 engine stores its wide projections input-major, as a latency-bound deployment would.
+    engines = {b: LLMEngine(EngineConfig(model=args.model, device=args.device, progress=False, max_num_seqs=b,
+                                         torch_threads=args.threads)) for b in batches}
+    engine = engines[batches[0]]
     device = engine.device
     prompt_ids = engine.tokenizer.encode_chat([{"role": "user", "content": PROMPT}])
     bw = measure_bandwidth(device)
     roofline = bw["read_gb_s"] * 1e9 / engine.weight_bytes
     rows = []
     for b in batches:
-        rows.append(bench_engine(engine, prompt_ids, b, args.new_tokens, args.repeats))
+        rows.append(bench_engine(engines[b], prompt_ids, b, args.new_tokens, args.repeats))
+        rows[-1].system += f" ({'input' if engines[b].model.input_major else 'output'}-major)"
         print(f"kunserve batch {b}: {rows[-1].tokens_per_s:.1f} tokens/s", flush=True)
     if not args.skip_hf:
         for b in batches:
             rows.append(bench_hf(args.model, device, prompt_ids, b, args.new_tokens, args.repeats))
             print(f"hf batch {b}: {rows[-1].tokens_per_s:.1f} tokens/s", flush=True)
-    by = {(r.system, r.batch): r.tokens_per_s for r in rows}
+    by = {(r.system.split(" ")[0], r.batch): r.tokens_per_s for r in rows}
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"\nmodel {args.model}  device {device} ({device_name})  threads {args.threads}  "
           f"weights {engine.weight_bytes / 1e6:.0f} MB  read bandwidth {bw['read_gb_s']:.2f} GB/s  "

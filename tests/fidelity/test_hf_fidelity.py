@@ -33,11 +33,13 @@ def _assert_diverse(token_lists: list[list[int]]) -> None:
     assert len({tuple(t) for t in token_lists}) == len(token_lists), "different prompts gave the same output"
 
 
+@pytest.mark.parametrize("layout", ["output-major", "input-major"])
 @pytest.mark.parametrize("checkpoint", ["tiny_dir", "tiny_untied_dir"])
-def test_tiny_matches_transformers(checkpoint: str, request: pytest.FixtureRequest) -> None:
+def test_tiny_matches_transformers(checkpoint: str, layout: str, request: pytest.FixtureRequest) -> None:
     model_dir: Path = request.getfixturevalue(checkpoint)
     engine = LLMEngine(EngineConfig(model=str(model_dir), progress=False, max_num_batched_tokens=128,
-                                    num_kv_blocks=256))
+                                    num_kv_blocks=256, weight_layout=layout))
+    assert engine.model.input_major is (layout == "input-major")
     prompts = _prompts(engine.model_config.vocab_size, PROMPT_LENGTHS, seed=7)
     traces = run_staggered(engine, prompts, GREEDY)
     reference = hf_greedy(model_dir, prompts, NEW_TOKENS)
@@ -50,7 +52,7 @@ def test_tiny_matches_transformers(checkpoint: str, request: pytest.FixtureReque
 
 
 def test_smollm2_matches_transformers(smollm2_dir: Path) -> None:
-    engine = LLMEngine(EngineConfig(model=str(smollm2_dir), progress=False, max_num_batched_tokens=64,
+    engine = LLMEngine(EngineConfig(model=str(smollm2_dir), progress=False, max_num_batched_tokens=32,
                                     num_kv_blocks=64))
     tok = engine.tokenizer
     prompts = [
@@ -61,9 +63,10 @@ def test_smollm2_matches_transformers(smollm2_dir: Path) -> None:
                    "deployment keeps a set of identical pods running. When a node fails, the controller "
                    "creates replacement pods elsewhere. Explain in one sentence why this matters:"),
     ]
-    assert len(prompts[3]) > 64, "the long prompt must need chunked prefill"
+    assert len(prompts[3]) > 32, "the long prompt must need chunked prefill"
     traces = run_staggered(engine, prompts, GREEDY)
     reference = hf_greedy(smollm2_dir, prompts, NEW_TOKENS)
     _assert_diverse([ref for ref, _ in reference])
     assert_matches(traces, reference, atol=1e-4)
+    assert traces[3].chunk_sizes[0] < len(prompts[3]), "the long prompt was not chunked"
     assert "Paris" in tok.decode(traces[0].tokens)

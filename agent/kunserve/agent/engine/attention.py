@@ -44,11 +44,12 @@ def paged_attention(q: torch.Tensor, layer: int, meta: AttentionMetadata, cache:
     if d:
         t_max = meta.decode_slots.shape[1]
         k, v = cache.gather(layer, meta.decode_slots.view(-1))  # [D*T, KVH, hd]
-        k = k.view(d, t_max, kv_heads, head_dim).permute(0, 2, 3, 1)  # [D, KVH, hd, T]
-        v = v.view(d, t_max, kv_heads, head_dim).transpose(1, 2)  # [D, KVH, T, hd]
-        qd = q[:d].view(d, kv_heads, group, head_dim)  # query heads grouped by their kv head
-        scores = torch.matmul(qd, k).mul_(scale).add_(meta.decode_bias)  # [D, KVH, G, T]
-        out[:d] = torch.matmul(scores.softmax(dim=-1), v).view(d, num_heads, head_dim)
+        k = k.view(d, t_max, kv_heads, head_dim).transpose(1, 2)  # [D, KVH, T, hd] (strided view, no copy)
+        v = v.view(d, t_max, kv_heads, head_dim).transpose(1, 2)
+        o = F.scaled_dot_product_attention(
+            q[:d].unsqueeze(2), k, v, attn_mask=meta.decode_bias, scale=scale, enable_gqa=group > 1,
+        )  # [D, H, 1, hd]
+        out[:d] = o.squeeze(2)
     for chunk in meta.prefills:
         k, v = cache.gather(layer, chunk.context_slots)  # [T, KVH, hd]
         qc = q[chunk.start : chunk.end].transpose(0, 1).unsqueeze(0)  # [1, H, Lq, hd]

@@ -28,6 +28,16 @@ class EngineConfig:
     seed: int | None = None  # sampler seed for requests without their own
     torch_threads: int | None = None  # torch intra-op threads (CPU); None leaves torch's default
     progress: bool = True  # progress bar while loading
+    # "output-major" (the checkpoint's layout), "input-major" (faster CPU matmuls at batch <= 4, slower
+    # beyond), or "auto": input-major on CPU when max_num_seqs <= 4.
+    weight_layout: str = "auto"
+
+    def input_major(self, device: torch.device) -> bool:
+        if self.weight_layout not in ("auto", "input-major", "output-major"):
+            raise ValueError(f"weight_layout must be auto, input-major or output-major, got {self.weight_layout!r}")
+        if self.weight_layout == "auto":
+            return device.type == "cpu" and self.max_num_seqs <= 4
+        return self.weight_layout == "input-major"
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":

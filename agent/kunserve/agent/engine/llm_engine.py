@@ -39,7 +39,8 @@ class LLMEngine:
         self.checkpoint = Checkpoint(config.model)
         self.model_config = cfg = self.checkpoint.config
         self.tokenizer = Tokenizer(self.checkpoint.dir)
-        self.model = load_model(self.checkpoint, self.dtype, self.device, config.layer_range, config.progress)
+        self.model = load_model(self.checkpoint, self.dtype, self.device, config.layer_range, config.progress,
+                                input_major=config.input_major(self.device))
         self.eos_token_ids = frozenset(cfg.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
         )

@@ -77,14 +77,31 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _linear(in_f: int, out_f: int, bias: bool, dtype: torch.dtype, device: torch.device) -> nn.Linear:
+def _input_major(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
+    """A [rows, cols] weight stored column-major ([cols, rows] in memory).
+
+    For wide projections (q/k/v, gate/up, the LM head) the CPU BLAS runs x @ W^T with W^T contiguous
+    1.4-2.3x faster at batch 1, but up to 1.4x slower at batch 16 (measured with torch.profiler on
+    SmolLM2-135M), so the engine picks it only for latency-bound configurations. The parameter keeps its
+    logical [out, in] shape, so loading and state dicts are unchanged.
+    """
+    return nn.Parameter(torch.empty(cols, rows, dtype=dtype, device=device).t(), requires_grad=False)
+
+
+def _linear(
+    in_f: int, out_f: int, bias: bool, dtype: torch.dtype, device: torch.device, input_major: bool = False
+) -> nn.Linear:
     layer = nn.Linear(in_f, out_f, bias=bias, dtype=dtype, device=device)
+    if input_major:
+        layer.weight = _input_major(out_f, in_f, dtype, device)
     layer.requires_grad_(False)
     return layer
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_id: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, config: ModelConfig, layer_id: int, dtype: torch.dtype, device: torch.device, input_major: bool = False
+    ) -> None:
         super().__init__()
         self.layer_id = layer_id
         self.num_heads = config.num_attention_heads
@@ -93,10 +110,10 @@ class DecoderLayer(nn.Module):
         self.q_size, self.kv_size = config.q_size, config.kv_size
         h, inter = config.hidden_size, config.intermediate_size
         self.input_layernorm = RMSNorm(h, config.rms_norm_eps, dtype, device)
-        self.qkv_proj = _linear(h, self.q_size + 2 * self.kv_size, config.attention_bias, dtype, device)
+        self.qkv_proj = _linear(h, self.q_size + 2 * self.kv_size, config.attention_bias, dtype, device, input_major)
         self.o_proj = _linear(self.q_size, h, False, dtype, device)
         self.post_attention_layernorm = RMSNorm(h, config.rms_norm_eps, dtype, device)
-        self.gate_up_proj = _linear(h, 2 * inter, False, dtype, device)
+        self.gate_up_proj = _linear(h, 2 * inter, False, dtype, device, input_major)
         self.down_proj = _linear(inter, h, False, dtype, device)
 
     def forward(
@@ -118,26 +135,37 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    """The layers [start, end) of a Llama-family decoder."""
+    """The layers [start, end) of a Llama-family decoder. input_major: see _input_major."""
 
     def __init__(
-        self, config: ModelConfig, start: int, end: int, dtype: torch.dtype, device: torch.device
+        self,
+        config: ModelConfig,
+        start: int,
+        end: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        input_major: bool = False,
     ) -> None:
         super().__init__()
         if not 0 <= start < end <= config.num_hidden_layers:
             raise ValueError(f"layer range [{start}, {end}) outside [0, {config.num_hidden_layers})")
         self.config, self.start, self.end = config, start, end
-        self.dtype, self.device = dtype, device
+        self.dtype, self.device, self.input_major = dtype, device, input_major
         self.is_first, self.is_last = start == 0, end == config.num_hidden_layers
         h, vocab = config.hidden_size, config.vocab_size
         self.embed_tokens: nn.Embedding | None = None
         if self.is_first:
-            self.embed_tokens = nn.Embedding(vocab, h, dtype=dtype, device=device).requires_grad_(False)
-        self.layers = nn.ModuleDict({str(i): DecoderLayer(config, i, dtype, device) for i in range(start, end)})
+            self.embed_tokens = nn.Embedding(vocab, h, dtype=dtype, device=device)
+            if config.tie_word_embeddings and input_major:  # it doubles as the LM head
+                self.embed_tokens.weight = _input_major(vocab, h, dtype, device)
+            self.embed_tokens.requires_grad_(False)
+        self.layers = nn.ModuleDict(
+            {str(i): DecoderLayer(config, i, dtype, device, input_major) for i in range(start, end)}
+        )
         self.norm: RMSNorm | None = RMSNorm(h, config.rms_norm_eps, dtype, device) if self.is_last else None
         self.lm_head: nn.Linear | None = None
         if self.is_last:
-            self.lm_head = _linear(h, vocab, False, dtype, device)
+            self.lm_head = _linear(h, vocab, False, dtype, device, input_major)
             if config.tie_word_embeddings and self.embed_tokens is not None:
                 self.lm_head.weight = self.embed_tokens.weight
         self.rope = RotaryEmbedding(config, dtype, device)

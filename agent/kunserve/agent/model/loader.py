@@ -131,11 +131,12 @@ def load_model(
     device: torch.device | str = "cpu",
     layer_range: tuple[int, int] | None = None,
     progress: bool = True,
+    input_major: bool = False,
 ) -> LlamaModel:
     """Build the layers [start, end) of the checkpoint's model on `device` and load their weights."""
     cfg = ckpt.config
     start, end = layer_range or (0, cfg.num_hidden_layers)
-    model = LlamaModel(cfg, start, end, dtype, torch.device(device))
+    model = LlamaModel(cfg, start, end, dtype, torch.device(device), input_major)
     layers = list(model.layers.values())
     bar = tqdm(total=len(layers) + 2, desc=f"loading {ckpt.dir.name}", unit="part", disable=not progress)
     with bar:
