@@ -111,20 +111,24 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batch_sizes.split(",")]
-    # One engine per batch size, configured for it (max_num_seqs = batch): with weight_layout "auto" a
-    # batch-1 engine stores its wide projections input-major, as a latency-bound deployment would.
-    engines = {b: LLMEngine(EngineConfig(model=args.model, device=args.device, progress=False, max_num_seqs=b,
-                                         torch_threads=args.threads)) for b in batches}
-    engine = engines[batches[0]]
-    device = engine.device
-    prompt_ids = engine.tokenizer.encode_chat([{"role": "user", "content": PROMPT}])
+    device = EngineConfig(model=args.model, device=args.device).resolve_device()
     bw = measure_bandwidth(device)
-    roofline = bw["read_gb_s"] * 1e9 / engine.weight_bytes
     rows = []
+    weight_bytes, prompt_ids = 0, []
     for b in batches:
-        rows.append(bench_engine(engines[b], prompt_ids, b, args.new_tokens, args.repeats))
-        rows[-1].system += f" ({'input' if engines[b].model.input_major else 'output'}-major)"
+        # One engine per batch size, configured for it (max_num_seqs = batch): with weight_layout "auto" a
+        # batch-1 engine on CPU stores its wide projections input-major, as a latency-bound deployment would.
+        engine = LLMEngine(EngineConfig(model=args.model, device=args.device, progress=False, max_num_seqs=b,
+                                        torch_threads=args.threads))
+        weight_bytes = engine.weight_bytes
+        prompt_ids = engine.tokenizer.encode_chat([{"role": "user", "content": PROMPT}])
+        rows.append(bench_engine(engine, prompt_ids, b, args.new_tokens, args.repeats))
+        rows[-1].system += f" ({'input' if engine.model.input_major else 'output'}-major)"
         print(f"kunserve batch {b}: {rows[-1].tokens_per_s:.1f} tokens/s", flush=True)
+        del engine
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    roofline = bw["read_gb_s"] * 1e9 / weight_bytes
     if not args.skip_hf:
         for b in batches:
             rows.append(bench_hf(args.model, device, prompt_ids, b, args.new_tokens, args.repeats))
@@ -132,7 +136,7 @@ def main() -> None:
     by = {(r.system.split(" ")[0], r.batch): r.tokens_per_s for r in rows}
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"\nmodel {args.model}  device {device} ({device_name})  threads {args.threads}  "
-          f"weights {engine.weight_bytes / 1e6:.0f} MB  read bandwidth {bw['read_gb_s']:.2f} GB/s  "
+          f"weights {weight_bytes / 1e6:.0f} MB  read bandwidth {bw['read_gb_s']:.2f} GB/s  "
           f"copy bandwidth {bw['copy_gb_s']:.2f} GB/s")
     print(f"{'batch':>5} {'kunserve tok/s':>15} {'HF tok/s':>10} {'ratio':>7} {'% of roofline':>14}")
     for b in batches:
@@ -143,7 +147,7 @@ def main() -> None:
     print(f"batch-1 decode roofline (weights / read bandwidth): {roofline:.1f} tokens/s")
     result = {
         "model": args.model, "device": str(device), "device_name": device_name, "threads": args.threads,
-        "new_tokens": args.new_tokens, "prompt_tokens": len(prompt_ids), "weight_bytes": engine.weight_bytes,
+        "new_tokens": args.new_tokens, "prompt_tokens": len(prompt_ids), "weight_bytes": weight_bytes,
         "bandwidth": bw, "roofline_tokens_per_s": roofline, "rows": [asdict(r) for r in rows],
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
