@@ -73,7 +73,7 @@ def test_stage_model_holds_only_its_layers(tiny_dir: Path) -> None:
 def test_reduced_precision_tracks_fp32(tiny_dir: Path, dtype: str) -> None:
     ref = LLMEngine(EngineConfig(model=str(tiny_dir), progress=False, num_kv_blocks=32))
     low = LLMEngine(EngineConfig(model=str(tiny_dir), dtype=dtype, progress=False, num_kv_blocks=32))
-    assert low.kv_cache.segments[0].data.dtype == getattr(torch, dtype)
+    assert low.kv_cache.segments[0].slabs[0].dtype == getattr(torch, dtype)
     assert low.weight_bytes * 2 == ref.weight_bytes
     prompt = list(range(10, 40))
     logits = []

@@ -30,7 +30,8 @@ def test_add_blocks_returns_contiguous_global_ids() -> None:
     assert list(c.add_blocks(2)) == [3, 4]
     assert c.num_blocks == 5
     assert [(s.first_block, s.num_blocks) for s in c.segments] == [(0, 3), (3, 2)]
-    assert tuple(c.segments[1].data.shape) == (2, 2, 2, BS, HEADS, HEAD_DIM)
+    assert sorted(c.segments[1].slabs) == LAYERS
+    assert all(tuple(t.shape) == (2, 2, BS, HEADS, HEAD_DIM) for t in c.segments[1].slabs.values())
 
 
 @pytest.mark.parametrize("n", [0, -1])
@@ -57,9 +58,9 @@ def test_round_trip_single_segment() -> None:
     assert torch.count_nonzero(zk) == 0 and torch.count_nonzero(zv) == 0
     uk, _ = c.gather(5, torch.tensor([1, 2, 4]))
     assert torch.count_nonzero(uk) == 0
-    # Physical placement: slot 5 is block 1, offset 1 of layer index 1 (global layer 5).
-    assert torch.equal(c.segments[0].data[1, 0, 1, 1], k[1])
-    assert torch.equal(c.segments[0].data[1, 1, 2, 3], v[2])
+    # Physical placement: slot 5 is block 1, offset 1 in layer 5's slab.
+    assert torch.equal(c.segments[0].slabs[5][0, 1, 1], k[1])
+    assert torch.equal(c.segments[0].slabs[5][1, 2, 3], v[2])
 
 
 def test_round_trip_across_segments() -> None:
@@ -76,9 +77,9 @@ def test_round_trip_across_segments() -> None:
     assert torch.equal(gk, k[perm]) and torch.equal(gv, v[perm])
     # Slots in the second segment live there, at local offsets.
     seg = c.segments[1]
-    assert torch.equal(seg.data[0, 0, 1, 3], k[0])  # slot 19 = block 4 -> local block 1, offset 3
-    assert torch.equal(seg.data[0, 1, 0, 0], v[2])  # slot 12 = block 3 -> local block 0, offset 0
-    assert torch.equal(c.segments[0].data[0, 0, 2, 3], k[3])  # slot 11 in the first segment
+    assert torch.equal(seg.slabs[3][0, 1, 3], k[0])  # slot 19 = block 4 -> local block 1, offset 3
+    assert torch.equal(seg.slabs[3][1, 0, 0], v[2])  # slot 12 = block 3 -> local block 0, offset 0
+    assert torch.equal(c.segments[0].slabs[3][0, 2, 3], k[3])  # slot 11 in the first segment
     zk, _ = c.gather(5, slots)
     assert torch.count_nonzero(zk) == 0
 
@@ -106,9 +107,9 @@ def test_grow_keeps_existing_bytes_in_place() -> None:
     slots = torch.tensor([0, 7, 3])
     k, v = _kv(3, 4)
     c.write(3, slots, k, v)
-    before = c.segments[0].data
+    before = c.segments[0].slabs[3]
     c.add_blocks(3)
-    assert c.segments[0].data is before  # no copy of live blocks
+    assert c.segments[0].slabs[3] is before  # no copy of live blocks
     gk, gv = c.gather(3, slots)
     assert torch.equal(gk, k) and torch.equal(gv, v)
     k2, v2 = _kv(2, 5)
@@ -150,7 +151,7 @@ def test_block_bytes(dtype: torch.dtype, elem: int) -> None:
     assert c.block_bytes == BS * 2 * 2 * HEADS * HEAD_DIM * elem
     assert c.block_bytes == {4: 384, 2: 192}[elem]
     c.add_blocks(5)
-    seg = c.segments[0].data
-    assert seg.numel() * seg.element_size() == 5 * c.block_bytes
+    slabs = c.segments[0].slabs.values()
+    assert sum(t.numel() * t.element_size() for t in slabs) == 5 * c.block_bytes
     one_layer = KVCache([0], 8, 64, 16, dtype, torch.device("cpu"))
     assert one_layer.block_bytes == 16 * 1 * 2 * 8 * 64 * elem

@@ -1,9 +1,11 @@
 """Physical paged KV storage that grows and shrinks in place.
 
-The pool is a list of segments; each segment holds `n` blocks for every layer this process keeps:
-tensor [layers, 2 (k/v), n, block_size, kv_heads, head_dim]. Block ids are global and contiguous across
-segments. Growing appends a segment (no live block moves); shrinking removes whole tail segments. The
-block manager does the accounting; this class only stores bytes.
+The pool is a list of segments; each segment holds `n` blocks for every layer this process keeps, as one
+slab per layer: tensor [2 (k/v), n, block_size, kv_heads, head_dim]. Block ids are global and contiguous
+across segments. Growing appends a segment (no live block moves); shrinking removes whole tail segments.
+A slab is the unit of KV memory: when layers are dropped, a drained slab of a dropped layer is whole,
+reusable memory for the layers still held. The block manager does the accounting; this class only
+stores bytes.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from kunserve.agent.errors import PoolError
 class _Segment:
     first_block: int
     num_blocks: int
-    data: torch.Tensor  # [layers, 2, num_blocks, block_size, kv_heads, head_dim]
+    slabs: dict[int, torch.Tensor]  # layer -> [2, num_blocks, block_size, kv_heads, head_dim]
 
 
 class KVCache:
@@ -32,7 +34,7 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        self.layer_index = {layer: i for i, layer in enumerate(layer_ids)}
+        self.layer_ids = list(layer_ids)
         self.num_kv_heads, self.head_dim, self.block_size = num_kv_heads, head_dim, block_size
         self.dtype, self.device = dtype, device
         self.segments: list[_Segment] = []
@@ -45,15 +47,16 @@ class KVCache:
     def block_bytes(self) -> int:
         """Bytes of one block across every held layer (k and v)."""
         elem = torch.empty((), dtype=self.dtype).element_size()
-        return self.block_size * len(self.layer_index) * 2 * self.num_kv_heads * self.head_dim * elem
+        return self.block_size * len(self.layer_ids) * 2 * self.num_kv_heads * self.head_dim * elem
 
     def add_blocks(self, n: int) -> range:
         """Append a segment of n blocks; returns their ids."""
         if n <= 0:
             raise PoolError(f"cannot grow the KV pool by {n} blocks")
         first = self.num_blocks
-        shape = (len(self.layer_index), 2, n, self.block_size, self.num_kv_heads, self.head_dim)
-        self.segments.append(_Segment(first, n, torch.zeros(shape, dtype=self.dtype, device=self.device)))
+        shape = (2, n, self.block_size, self.num_kv_heads, self.head_dim)
+        slabs = {layer: torch.zeros(shape, dtype=self.dtype, device=self.device) for layer in self.layer_ids}
+        self.segments.append(_Segment(first, n, slabs))
         return range(first, first + n)
 
     def remove_tail_blocks(self, n: int) -> None:
@@ -70,7 +73,7 @@ class KVCache:
 
     def _flat(self, seg: _Segment, layer: int, kv: int) -> torch.Tensor:
         # [num_blocks * block_size, kv_heads, head_dim] view of one layer's k or v.
-        return seg.data[self.layer_index[layer], kv].view(-1, self.num_kv_heads, self.head_dim)
+        return seg.slabs[layer][kv].view(-1, self.num_kv_heads, self.head_dim)
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k/v [N, kv_heads, head_dim] at flat slots [N] (block_id * block_size + offset)."""
