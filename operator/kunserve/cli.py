@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 # subcommand -> (module, help). The module exposes `add_arguments(parser)` and `run(args) -> int`.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "agent": ("kunserve.agent.agent_cmd", "run an agent: the engine, its gRPC services and /metrics"),
     "generate": ("kunserve.agent.generate_cmd", "run the engine in-process on one prompt and print the completion"),
     "make-model": ("kunserve.agent.model.make_model", "write a seeded tiny checkpoint or convert SmolLM2-135M"),
 }
