@@ -92,3 +92,17 @@ def test_reduced_precision_tracks_fp32(tiny_dir: Path, dtype: str) -> None:
         logits.append(captured[0][0])
     diff = (logits[0] - logits[1]).abs().max().item()
     assert 0 < diff < 0.05 * logits[0].abs().max().item(), diff
+
+
+def test_seeded_replay_with_sample_index_offset_continues_the_same_stream(tiny_dir: Path) -> None:
+    """A request replayed after k tokens (prompt + those k tokens, offset k) samples what the original would."""
+    engine = LLMEngine(EngineConfig(model=str(tiny_dir), progress=False, num_kv_blocks=64))
+    prompt = list(range(50, 70))
+    seeded = SamplingParams(max_tokens=20, temperature=1.0, seed=77, ignore_eos=True)
+    full = engine.generate([prompt], seeded)[0].token_ids
+    k = 7
+    replay = SamplingParams(max_tokens=20 - k, temperature=1.0, seed=77, ignore_eos=True, sample_index_offset=k)
+    resumed = engine.generate([prompt + full[:k]], replay)[0].token_ids
+    assert resumed == full[k:]
+    unshifted = SamplingParams(max_tokens=20 - k, temperature=1.0, seed=77, ignore_eos=True)
+    assert engine.generate([prompt + full[:k]], unshifted)[0].token_ids != full[k:]

@@ -38,6 +38,7 @@ def sampling_from_proto(msg: inference_pb2.SamplingParams) -> SamplingParams:
         stop=tuple(msg.stop),
         stop_token_ids=tuple(msg.stop_token_ids),
         ignore_eos=msg.ignore_eos,
+        sample_index_offset=msg.sample_index_offset,
     )
 
 

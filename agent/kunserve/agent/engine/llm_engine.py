@@ -122,7 +122,9 @@ class LLMEngine:
         seqs, logits = self.runner.execute(batch)
         if not seqs:
             return outputs
-        tokens = self.sampler(logits, [s.params for s in seqs], [s.num_output_tokens for s in seqs])
+        tokens = self.sampler(
+            logits, [s.params for s in seqs], [s.num_output_tokens + s.params.sample_index_offset for s in seqs]
+        )
         limit = self.context_limit()
         for seq, token in zip(seqs, tokens, strict=True):
             state = self._requests[seq.request_id]

@@ -32,6 +32,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    sample_index_offset: int = 0  # output index of the first sampled token (k for a request replayed after k)
 
     def validate(self) -> None:
         """Raise InvalidRequestError naming the first bad parameter."""
@@ -45,6 +46,8 @@ class SamplingParams:
             raise InvalidRequestError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
         if self.seed is not None and not 0 <= self.seed < 2**64:
             raise InvalidRequestError(f"seed must be in [0, 2**64), got {self.seed}")
+        if self.sample_index_offset < 0:
+            raise InvalidRequestError(f"sample_index_offset must be >= 0, got {self.sample_index_offset}")
         if any(not s for s in self.stop):
             raise InvalidRequestError("stop strings must be non-empty")
 
