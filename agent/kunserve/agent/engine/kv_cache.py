@@ -39,6 +39,11 @@ class KVCache:
         self.dtype, self.device = dtype, device
         self.segments: list[_Segment] = []
 
+    def set_held_layers(self, layer_ids: list[int]) -> None:
+        """Layers that segments added from now on hold. Existing segments keep every slab they have, so a
+        request's KV for a layer this process no longer holds stays readable until it has been moved."""
+        self.layer_ids = sorted(layer_ids)
+
     @property
     def num_blocks(self) -> int:
         return sum(s.num_blocks for s in self.segments)
@@ -73,7 +78,9 @@ class KVCache:
 
     def _flat(self, seg: _Segment, layer: int, kv: int) -> torch.Tensor:
         # [num_blocks * block_size, kv_heads, head_dim] view of one layer's k or v.
-        return seg.slabs[layer][kv].view(-1, self.num_kv_heads, self.head_dim)
+        slab = seg.slabs.get(layer)
+        assert slab is not None, f"blocks {seg.first_block}+{seg.num_blocks} hold no KV for layer {layer}"
+        return slab[kv].view(-1, self.num_kv_heads, self.head_dim)
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k/v [N, kv_heads, head_dim] at flat slots [N] (block_id * block_size + offset)."""

@@ -22,7 +22,7 @@ from kunserve.agent.engine.sampler import Sampler
 from kunserve.agent.engine.scheduler import Scheduler
 from kunserve.agent.engine.sequence import FinishReason, SamplingParams
 from kunserve.agent.engine.sequence import Sequence as Seq
-from kunserve.agent.errors import InvalidRequestError, PoolError
+from kunserve.agent.errors import InvalidRequestError, KunServeError, PoolError
 from kunserve.agent.model.loader import Checkpoint, load_model, parse_dtype, weight_bytes
 from kunserve.agent.model.tokenizer import Tokenizer
 
@@ -115,6 +115,11 @@ class LLMEngine:
 
     # ---- the loop -------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if not (self.model.is_first and self.model.is_last):
+            raise KunServeError(
+                f"this engine holds layers [{self.model.start}, {self.model.end}) of "
+                f"{self.model_config.num_hidden_layers}: it cannot serve alone (restore its layers first)"
+            )
         outputs, self._pending = self._pending, []
         batch = self.scheduler.schedule()
         if batch.is_empty:

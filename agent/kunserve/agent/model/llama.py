@@ -187,3 +187,12 @@ class LlamaModel(nn.Module):
 
     def held_layers(self) -> list[int]:
         return [int(k) for k in self.layers]
+
+    def set_layers(self, layers: dict[int, DecoderLayer]) -> None:
+        """Replace the held layers (a contiguous range) keeping them in layer order; updates start/end.
+        The embedding, final norm and LM head are managed by the caller (see layer_store)."""
+        ids = sorted(layers)
+        assert ids and ids == list(range(ids[0], ids[-1] + 1)), f"layers must be a contiguous range, got {ids}"
+        self.layers = nn.ModuleDict({str(i): layers[i] for i in ids})
+        self.start, self.end = ids[0], ids[-1] + 1
+        self.is_first, self.is_last = self.start == 0, self.end == self.config.num_hidden_layers
