@@ -112,9 +112,10 @@ async def _serve(s: dict[str, Any]) -> int:
     from kunserve.agent.engine_loop import EngineLoop
     from kunserve.agent.errors import KunServeError
     from kunserve.agent.metrics import AgentMetrics
+    from kunserve.agent.peer import PeerServicer
     from kunserve.agent.service import AgentServicer, InferenceServicer
     from kunserve.rpc.tensors import grpc_channel_options
-    from kunserve.rpc.v1 import agent_pb2_grpc, inference_pb2_grpc
+    from kunserve.rpc.v1 import agent_pb2_grpc, inference_pb2_grpc, peer_pb2_grpc
 
     config = EngineConfig(
         model=s["model"], dtype=s["dtype"], device=s["device"], block_size=s["block-size"],
@@ -134,6 +135,7 @@ async def _serve(s: dict[str, Any]) -> int:
     server = grpc.aio.server(options=grpc_channel_options())
     inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(loop), server)
     agent_pb2_grpc.add_AgentServicer_to_server(AgentServicer(loop, s["agent-id"], s["model-name"]), server)
+    peer_pb2_grpc.add_PeerServicer_to_server(PeerServicer(loop), server)
     port = server.add_insecure_port(f"{s['host']}:{s['port']}")
     if port == 0:
         print(f"kunserve agent: cannot bind {s['host']}:{s['port']}", file=sys.stderr)

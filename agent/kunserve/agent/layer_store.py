@@ -20,7 +20,8 @@ import torch
 from kunserve.agent.engine.llm_engine import LLMEngine
 from kunserve.agent.errors import KunServeError, PoolError
 from kunserve.agent.model.llama import DecoderLayer, RMSNorm, _linear
-from kunserve.agent.model.loader import _copy_into, load_layer, weight_bytes
+from kunserve.agent.model.loader import _copy_into, weight_bytes
+from kunserve.agent.weights import CheckpointSource, WeightSource
 
 
 class LayerStoreError(KunServeError):
@@ -78,12 +79,22 @@ class LayerStore:
         self._grown.append(new_blocks)
         return DropResult((start, end), freed, new_blocks, block_bytes, time.perf_counter() - t0)
 
-    def restore(self) -> RestoreResult:
-        """Give back the blocks the drops added and reload every missing layer from the checkpoint."""
+    def restore(self, source: WeightSource | None = None) -> RestoreResult:
+        """Give back the blocks the drops added and reload every missing weight from `source` (default:
+        the local checkpoint; a PeerWeightSource pulls them from an agent that holds them)."""
         t0 = time.perf_counter()
         engine, model, cfg = self.engine, self.engine.model, self.engine.model_config
         if (model.start, model.end) == (0, self.num_layers):
             raise LayerStoreError("nothing to restore: every layer is held")
+        missing = [i for i in range(self.num_layers) if str(i) not in model.layers]
+        names = [f"layers.{i}.{p}" for i in missing for p in _layer_param_names(engine)]
+        tied = cfg.tie_word_embeddings
+        if model.embed_tokens is None and not (tied and model.lm_head is not None):
+            names.append("embed_tokens.weight")
+        if model.norm is None:
+            names.append("norm.weight")
+        if model.lm_head is None and not (tied and model.embed_tokens is not None):
+            names.append("lm_head.weight")
         removed = sum(self._grown)
         if removed:
             try:
@@ -91,41 +102,46 @@ class LayerStore:
             except PoolError as exc:
                 raise LayerStoreError(f"cannot restore yet: {exc}") from exc
         self._grown.clear()
+        weights = (source or CheckpointSource(engine.checkpoint)).read(names)
         before = weight_bytes(model)
         layers = {int(i): layer for i, layer in model.layers.items()}
-        for i in range(self.num_layers):
-            if i not in layers:
-                layer = DecoderLayer(cfg, i, model.dtype, model.device, model.input_major)
-                load_layer(engine.checkpoint, layer)
-                layers[i] = layer
+        for i in missing:
+            layer = DecoderLayer(cfg, i, model.dtype, model.device, model.input_major)
+            prefix = f"layers.{i}."
+            _copy_into(layer, {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)},
+                       engine.checkpoint.dir, prefix)
+            layers[i] = layer
         model.set_layers(layers)  # type: ignore[arg-type]
-        self._restore_ends()
+        self._restore_ends(weights)
         engine.kv_cache.set_held_layers(list(range(self.num_layers)))
         loaded = weight_bytes(model) - before
         engine.weight_bytes += loaded
         return RestoreResult((0, self.num_layers), loaded, removed, time.perf_counter() - t0)
 
-    def _restore_ends(self) -> None:
-        """Reload the embedding, final norm and LM head where missing (tied heads share the embedding)."""
-        engine, model, cfg = self.engine, self.engine.model, self.engine.model_config
-        ckpt, h, vocab = engine.checkpoint, cfg.hidden_size, cfg.vocab_size
+    def _restore_ends(self, weights: dict[str, torch.Tensor]) -> None:
+        """Rebuild the embedding, final norm and LM head where missing (tied heads share the embedding)."""
+        model, cfg = self.engine.model, self.engine.model_config
+        src, h, vocab = self.engine.checkpoint.dir, cfg.hidden_size, cfg.vocab_size
+        tied = cfg.tie_word_embeddings
         if model.embed_tokens is None:
             emb = torch.nn.Embedding(vocab, h, dtype=model.dtype, device=model.device).requires_grad_(False)
-            if cfg.tie_word_embeddings and model.lm_head is not None:
+            if tied and model.lm_head is not None:
                 emb.weight = model.lm_head.weight  # the head kept the shared matrix
             else:
-                name = "model.embed_tokens.weight"
-                _copy_into(emb, {"weight": ckpt.read([name])[name]}, ckpt.dir, "model.embed_tokens.")
+                _copy_into(emb, {"weight": weights["embed_tokens.weight"]}, src, "embed_tokens.")
             model.embed_tokens = emb
         if model.norm is None:
             model.norm = RMSNorm(h, cfg.rms_norm_eps, model.dtype, model.device)
-            _copy_into(model.norm, {"weight": ckpt.read(["model.norm.weight"])["model.norm.weight"]}, ckpt.dir,
-                       "model.norm.")
+            _copy_into(model.norm, {"weight": weights["norm.weight"]}, src, "norm.")
         if model.lm_head is None:
             model.lm_head = _linear(h, vocab, False, model.dtype, model.device, model.input_major)
-            if cfg.tie_word_embeddings:
+            if tied:
                 model.lm_head.weight = model.embed_tokens.weight
             else:
-                _copy_into(model.lm_head, {"weight": ckpt.read(["lm_head.weight"])["lm_head.weight"]}, ckpt.dir,
-                           "lm_head.")
+                _copy_into(model.lm_head, {"weight": weights["lm_head.weight"]}, src, "lm_head.")
 
+
+def _layer_param_names(engine: LLMEngine) -> list[str]:
+    """Parameter names of one decoder layer (e.g. "qkv_proj.weight"), from any held layer."""
+    layer = next(iter(engine.model.layers.values()))
+    return [name for name, _ in layer.named_parameters()]

@@ -76,6 +76,14 @@ class KVCache:
             raise PoolError(f"cannot shrink by {n} blocks: tail segments are {sizes} (whole segments only)")
         del self.segments[cut:]
 
+    def holds(self, layer: int, blocks: list[int]) -> bool:
+        """True when every one of these blocks has a slab for this layer."""
+        return all(
+            layer in seg.slabs
+            for seg in self.segments
+            if any(seg.first_block <= b < seg.first_block + seg.num_blocks for b in blocks)
+        )
+
     def _flat(self, seg: _Segment, layer: int, kv: int) -> torch.Tensor:
         # [num_blocks * block_size, kv_heads, head_dim] view of one layer's k or v.
         slab = seg.slabs.get(layer)

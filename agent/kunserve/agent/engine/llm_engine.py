@@ -154,6 +154,24 @@ class LLMEngine:
                     done[out.request_id] = out
         return [done[i] for i in ids]
 
+    def read_kv(self, request_id: str, layers: list[int]) -> dict[int, torch.Tensor]:
+        """A running request's KV per layer: [2 (k, v), tokens, kv_heads, head_dim] for its computed tokens."""
+        state = self._requests.get(request_id)
+        if state is None:
+            raise InvalidRequestError(f"request {request_id!r} is not running here")
+        seq, bs = state.seq, self.config.block_size
+        missing = [layer for layer in layers if not self.kv_cache.holds(layer, seq.block_table)]
+        if missing:
+            raise InvalidRequestError(f"no KV for layers {missing} of request {request_id!r} here")
+        positions = torch.arange(seq.num_computed_tokens)
+        table = torch.tensor(seq.block_table, dtype=torch.int64)
+        slots = (table[positions // bs] * bs + positions % bs).to(self.device)
+        out = {}
+        for layer in layers:
+            k, v = self.kv_cache.gather(layer, slots)
+            out[layer] = torch.stack((k, v))
+        return out
+
     # ---- pressure and the pool ------------------------------------------------------------------------------
     def pressure(self) -> Pressure:
         bm = self.block_manager
