@@ -25,7 +25,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	@command -v redis-server >/dev/null || { echo ">> installing redis-server (Debian package)"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
 	@[ -x $(PY) ] || { echo ">> creating $(VENV)"; $(PYTHON) -m venv $(VENV); }
 	@echo ">> installing $(TORCH_SPEC)"
 	@$(PIP) install -q --disable-pip-version-check $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) '$(TORCH_SPEC)' 2>&1 | grep -v '^WARNING: Location' || true
