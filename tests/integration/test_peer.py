@@ -11,6 +11,7 @@ import torch
 
 from kunserve.agent.engine.config import EngineConfig
 from kunserve.agent.engine.llm_engine import LLMEngine
+from kunserve.agent.engine.migration import read_kv
 from kunserve.agent.engine.sequence import SamplingParams
 from kunserve.agent.layer_store import LayerStore
 from kunserve.agent.peer import PeerError, PeerWeightSource, pull_kv
@@ -69,7 +70,7 @@ def test_pull_kv_of_a_running_request(peer: tuple[AgentProcess, Path]) -> None:
     local.add_request(prompt + generated[: tokens - len(prompt)], SamplingParams(max_tokens=2, temperature=0.0),
                       request_id="x")
     local.step()
-    expected = local.read_kv("x", [0, 5, 7])
+    expected = read_kv(local, "x", [0, 5, 7])
     for layer in (0, 5, 7):
         assert kv[layer].shape == (2, tokens, local.kv_cache.num_kv_heads, local.kv_cache.head_dim)
         torch.testing.assert_close(kv[layer], expected[layer], atol=1e-4, rtol=1e-4)

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Iterable
 import grpc
 import torch
 
+from kunserve.agent.engine.migration import read_kv
 from kunserve.agent.engine_loop import EngineLoop, EngineStoppedError
 from kunserve.agent.errors import InvalidRequestError, KunServeError
 from kunserve.rpc.tensors import assemble_chunks, grpc_channel_options, iter_chunks
@@ -65,7 +66,7 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
         if not request.layers:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "layers must be non-empty")
         layers = list(request.layers)
-        kv = await self._on_engine(lambda: self.loop.engine.read_kv(request.request_id, layers), context)
+        kv = await self._on_engine(lambda: read_kv(self.loop.engine, request.request_id, layers), context)
         for chunk in _chunks({f"kv.{layer}": t for layer, t in kv.items()}, request.chunk_bytes):
             yield chunk
 

@@ -106,6 +106,21 @@ class LLMEngine:
         self._pending.append(state.output([], ""))
         return True
 
+    def has_request(self, request_id: str) -> bool:
+        return request_id in self._requests
+
+    def sequence(self, request_id: str) -> Seq:
+        """The engine's sequence for a running or queued request (InvalidRequestError if unknown)."""
+        state = self._requests.get(request_id)
+        if state is None:
+            raise InvalidRequestError(f"request {request_id!r} is not running here")
+        return state.seq
+
+    def adopt(self, state: RequestState) -> None:
+        """Take over a request whose KV is already in this engine's blocks (see migration.py)."""
+        self._requests[state.seq.request_id] = state
+        self.scheduler.running.append(state.seq)
+
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests) or bool(self._pending)
 
@@ -153,24 +168,6 @@ class LLMEngine:
                 if out.finished:
                     done[out.request_id] = out
         return [done[i] for i in ids]
-
-    def read_kv(self, request_id: str, layers: list[int]) -> dict[int, torch.Tensor]:
-        """A running request's KV per layer: [2 (k, v), tokens, kv_heads, head_dim] for its computed tokens."""
-        state = self._requests.get(request_id)
-        if state is None:
-            raise InvalidRequestError(f"request {request_id!r} is not running here")
-        seq, bs = state.seq, self.config.block_size
-        missing = [layer for layer in layers if not self.kv_cache.holds(layer, seq.block_table)]
-        if missing:
-            raise InvalidRequestError(f"no KV for layers {missing} of request {request_id!r} here")
-        positions = torch.arange(seq.num_computed_tokens)
-        table = torch.tensor(seq.block_table, dtype=torch.int64)
-        slots = (table[positions // bs] * bs + positions % bs).to(self.device)
-        out = {}
-        for layer in layers:
-            k, v = self.kv_cache.gather(layer, slots)
-            out[layer] = torch.stack((k, v))
-        return out
 
     # ---- pressure and the pool ------------------------------------------------------------------------------
     def pressure(self) -> Pressure:

@@ -52,7 +52,8 @@ class RequestState:
     emitted: int = 0  # characters of `text` already returned
 
     def __post_init__(self) -> None:
-        self.detok = IncrementalDetokenizer(self.tokenizer, self.seq.prompt_token_ids)
+        # Seeded with every token so far, so an adopted request does not re-send text already streamed.
+        self.detok = IncrementalDetokenizer(self.tokenizer, self.seq.token_ids)
 
     def on_token(self, token: int, eos_ids: frozenset[int], context_limit: int) -> RequestOutput:
         seq, p = self.seq, self.seq.params
