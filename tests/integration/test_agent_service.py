@@ -70,13 +70,13 @@ def test_abort_and_client_cancel_free_every_block(agent: AgentProcess) -> None:
     channel = agent.channel()
     stub = inference_pb2_grpc.InferenceStub(channel)
     status = agent_pb2_grpc.AgentStub(channel)
-    stream = stub.Generate(_request("ab", PROMPTS[4], max_tokens=2000), timeout=60)
+    stream = stub.Generate(_request("ab", PROMPTS[4], max_tokens=1900), timeout=60)
     next(stream)  # running
     assert stub.Abort(inference_pb2.AbortRequest(request_id="ab"), timeout=5).found
     rest = list(stream)
     assert rest[-1].finish_reason == inference_pb2.FINISH_REASON_ABORT
     assert not stub.Abort(inference_pb2.AbortRequest(request_id="ab"), timeout=5).found
-    cancelled = stub.Generate(_request("cx", PROMPTS[4], max_tokens=2000), timeout=60)
+    cancelled = stub.Generate(_request("cx", PROMPTS[4], max_tokens=1900), timeout=60)
     next(cancelled)
     cancelled.cancel()
     for _ in range(100):  # bounded: the agent frees the request's blocks after the cancel

@@ -102,8 +102,11 @@ def test_invalid_prompts_are_refused_and_the_engine_keeps_working(engine: LLMEng
         with pytest.raises(InvalidRequestError):
             engine.add_request(prompt, GREEDY)
         _assert_idle(engine)
-    # A prompt one token shorter than the context is fine, and gets exactly one token (LENGTH).
-    rid = engine.add_request([5] * 63, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))
+    # Prompt + max_tokens must fit the context (as OpenAI and vLLM require) ...
+    with pytest.raises(InvalidRequestError, match=r"prompt \(63 tokens\) \+ max_tokens \(10\) exceeds"):
+        engine.add_request([5] * 63, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))
+    # ... so a prompt one token shorter than the context gets exactly one token (LENGTH).
+    rid = engine.add_request([5] * 63, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
     out = _run(engine)[rid][-1]
     assert out.finish_reason is FinishReason.LENGTH
     assert len(out.token_ids) == 1
@@ -151,11 +154,14 @@ def test_max_tokens_is_exact_and_streams_add_up(engine: LLMEngine) -> None:
     _assert_idle(engine)
 
 
-def test_context_limit_ends_with_length(engine: LLMEngine) -> None:
+def test_context_limit_ends_with_length(tiny_model_dir: Path) -> None:
+    # The model's context allows 60 + 50 tokens, but a 16-block pool holds 64: the request stops there.
+    engine = _engine(tiny_model_dir, num_kv_blocks=16)
+    assert engine.context_limit() == 16 * BS == 64
     rid = engine.add_request([7] * 60, SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True))
     final = _run(engine)[rid][-1]
     assert final.finish_reason is FinishReason.LENGTH
-    assert len(final.token_ids) == 4  # 60 + 4 = max_model_len 64
+    assert len(final.token_ids) == 4  # 60 + 4 = the pool's 64 tokens
     _assert_idle(engine)
 
 
@@ -171,6 +177,7 @@ def test_stop_token_ids(engine: LLMEngine) -> None:
     assert out.finish_reason is FinishReason.STOP
     assert out.token_ids == tokens[: k + 1]
     assert out.token_ids[-1] == stop_id
+    assert out.text == engine.tokenizer.decode(tokens[:k])  # the stop token's own text is not returned
     _assert_idle(engine)
 
 
@@ -515,3 +522,10 @@ def test_pressure_exact_numbers(tiny_model_dir: Path) -> None:
     p6 = eng.pressure()
     assert (p6.blocks_needed, p6.blocks_free, p6.num_waiting, p6.num_running) == (0, 16, 0, 0)
     _assert_idle(eng)
+
+
+def test_tiny_temperatures_are_greedy(engine: LLMEngine) -> None:
+    greedy = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))[0]
+    tiny = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=8, temperature=1e-308, ignore_eos=True))[0]
+    assert tiny.token_ids == greedy.token_ids
+    _assert_idle(engine)

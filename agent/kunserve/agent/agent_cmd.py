@@ -132,9 +132,15 @@ async def _serve(s: dict[str, Any]) -> int:
     metrics = AgentMetrics(engine, s["model-name"])
     loop = EngineLoop(engine, observer=metrics.observe)
     loop.start()
-    server = grpc.aio.server(options=grpc_channel_options())
+    keepalive = [  # accept the gateways' keepalive pings
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
+        ("grpc.http2.max_ping_strikes", 0),
+    ]
+    server = grpc.aio.server(options=grpc_channel_options() + keepalive)
     inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(loop), server)
-    agent_pb2_grpc.add_AgentServicer_to_server(AgentServicer(loop, s["agent-id"], s["model-name"]), server)
+    agent_servicer = AgentServicer(loop, s["agent-id"], s["model-name"])
+    agent_pb2_grpc.add_AgentServicer_to_server(agent_servicer, server)
     peer_pb2_grpc.add_PeerServicer_to_server(PeerServicer(loop), server)
     port = server.add_insecure_port(f"{s['host']}:{s['port']}")
     if port == 0:
@@ -159,6 +165,7 @@ async def _serve(s: dict[str, Any]) -> int:
         aio_loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("agent %s stopping", s["agent-id"])
+    agent_servicer.close()
     await server.stop(grace=5)
     loop.stop()
     return 0

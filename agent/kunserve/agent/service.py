@@ -8,6 +8,7 @@ UNAVAILABLE (retryable).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
@@ -120,6 +121,11 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         self.agent_id = agent_id
         self.model_name = model_name
         self.epoch = 0
+        self._closing = asyncio.Event()
+
+    def close(self) -> None:
+        """End every pressure stream (the agent is stopping)."""
+        self._closing.set()
 
     def _status(self) -> agent_pb2.StatusResponse:
         e = self.loop.engine  # runs on the engine thread
@@ -145,11 +151,12 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
     ) -> AsyncIterator[agent_pb2.Pressure]:
         interval = max(10, request.interval_ms or DEFAULT_PRESSURE_INTERVAL_MS) / 1000
         engine = self.loop.engine
-        while True:
+        while not self._closing.is_set():
             try:
                 p = await asyncio.wrap_future(self.loop.call(engine.pressure))
             except EngineStoppedError as exc:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
                 return
             yield pressure_to_proto(self.agent_id, p, self.epoch, engine.scheduler.num_preemptions)
-            await asyncio.sleep(interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), interval)

@@ -88,6 +88,11 @@ class LLMEngine:
             raise InvalidRequestError(
                 f"prompt has {len(ids)} tokens; at most {limit - 1} fit this engine's context of {limit} tokens"
             )
+        if len(ids) + params.max_tokens > self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's context of "
+                f"{self.max_model_len} tokens"
+            )
         if request_id is None:
             request_id = next(i for i in (f"req-{n}" for n in self._ids) if i not in self._requests)
         if request_id in self._requests:

@@ -57,10 +57,13 @@ class RequestState:
 
     def on_token(self, token: int, eos_ids: frozenset[int], context_limit: int) -> RequestOutput:
         seq, p = self.seq, self.seq.params
-        self.text += self.detok.add(token)
+        delta = self.detok.add(token)
+        stop_token = (not p.ignore_eos and token in eos_ids) or token in p.stop_token_ids
+        if not stop_token:  # the text of a stop token (eos or a stop_token_id) is not returned
+            self.text += delta
         # The stop-string cut runs first so a stop string never survives a stop token that also ends the text.
         cut = bool(p.stop) and self._cut_at_stop()
-        if cut or (not p.ignore_eos and token in eos_ids) or token in p.stop_token_ids:
+        if cut or stop_token:
             seq.finish_reason = FinishReason.STOP
         elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= context_limit:
             seq.finish_reason = FinishReason.LENGTH

@@ -9,6 +9,8 @@ from enum import Enum
 
 from kunserve.agent.errors import InvalidRequestError
 
+GREEDY_BELOW = 1e-5
+
 
 class SequenceStatus(Enum):
     WAITING = "waiting"
@@ -53,7 +55,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Temperatures below 1e-5 are greedy (dividing logits by them would overflow)."""
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass(slots=True, eq=False)
