@@ -15,6 +15,8 @@ from collections.abc import Sequence
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "agent": ("kunserve.agent.agent_cmd", "run an agent: the engine, its gRPC services and /metrics"),
     "generate": ("kunserve.agent.generate_cmd", "run the engine in-process on one prompt and print the completion"),
+    "gateway": ("kunserve.gateway.gateway_cmd", "run the OpenAI-compatible HTTP gateway in front of the agents"),
+    "operator": ("kunserve.operator.operator_cmd", "run the Kubernetes operator (ServingPool handlers, via kopf)"),
     "make-model": ("kunserve.agent.model.make_model", "write a seeded tiny checkpoint or convert SmolLM2-135M"),
 }
 

@@ -1,0 +1,89 @@
+"""Settings of the operator itself (not of a pool): images, Redis, gateway defaults.
+
+The Helm chart sets them as environment variables of the operator's Deployment; `kunserve operator` flags
+override them.
+
+    KUNSERVE_AGENT_IMAGE          image of the agent pods when a ServingPool names none
+    KUNSERVE_GATEWAY_IMAGE        image of the gateway pods (default: the agent image; one distribution)
+    KUNSERVE_IMAGE_PULL_POLICY    pull policy of both when the pool names none (default: Kubernetes')
+    KUNSERVE_REDIS_URL            the Redis the gateways (and the operator's topology writer) use
+    KUNSERVE_GATEWAY_API_KEYS     default API key Secret of gateways, as NAME/KEY (a pool's
+                                  spec.gateway.apiKeySecretRef wins); authentication is off without either
+    KUNSERVE_RESYNC_SECONDS       how often every pool's workloads are re-applied (repairs drift such as a
+                                  deleted Deployment); default 60
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from kunserve.operator.pool_spec import PullPolicy, SecretKeyRef
+
+DEFAULT_IMAGE = "kunserve:0.1.0"
+DEFAULT_REDIS_URL = "redis://kunserve-redis:6379/0"
+
+
+class ConfigError(ValueError):
+    """An operator setting is malformed (a flag or a KUNSERVE_* variable)."""
+
+
+@dataclass(slots=True, frozen=True)
+class OperatorConfig:
+    agent_image: str = DEFAULT_IMAGE
+    gateway_image: str | None = None  # None: the agent image
+    image_pull_policy: PullPolicy | None = None
+    redis_url: str = DEFAULT_REDIS_URL
+    gateway_api_keys: SecretKeyRef | None = None
+    resync_interval_s: float = 60.0
+
+    @property
+    def effective_gateway_image(self) -> str:
+        return self.gateway_image or self.agent_image
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> OperatorConfig:
+        values: dict[str, object] = {}
+        if env.get("KUNSERVE_AGENT_IMAGE"):
+            values["agent_image"] = env["KUNSERVE_AGENT_IMAGE"]
+        if env.get("KUNSERVE_GATEWAY_IMAGE"):
+            values["gateway_image"] = env["KUNSERVE_GATEWAY_IMAGE"]
+        if env.get("KUNSERVE_IMAGE_PULL_POLICY"):
+            values["image_pull_policy"] = parse_pull_policy(env["KUNSERVE_IMAGE_PULL_POLICY"])
+        if env.get("KUNSERVE_REDIS_URL"):
+            values["redis_url"] = env["KUNSERVE_REDIS_URL"]
+        if env.get("KUNSERVE_GATEWAY_API_KEYS"):
+            values["gateway_api_keys"] = parse_secret_key_ref(env["KUNSERVE_GATEWAY_API_KEYS"])
+        if env.get("KUNSERVE_RESYNC_SECONDS"):
+            values["resync_interval_s"] = parse_seconds(env["KUNSERVE_RESYNC_SECONDS"])
+        return cls(**values)  # type: ignore[arg-type]
+
+    def replace(self, **changes: Any) -> OperatorConfig:
+        """A copy with the given (non-None) settings changed."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def parse_pull_policy(text: str) -> PullPolicy:
+    try:
+        return PullPolicy(text)
+    except ValueError:
+        raise ConfigError(f"image pull policy must be one of {[p.value for p in PullPolicy]}, got {text!r}") from None
+
+
+def parse_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 86400:
+        raise ConfigError(f"resync interval must be a number of seconds in (0, 86400), got {text!r}")
+    return value
+
+
+def parse_secret_key_ref(text: str) -> SecretKeyRef:
+    name, sep, key = text.partition("/")
+    if not sep or not name or not key:
+        raise ConfigError(f"expected SECRET/KEY (e.g. kunserve-api-keys/keys), got {text!r}")
+    return SecretKeyRef(name=name, key=key)
