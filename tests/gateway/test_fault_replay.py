@@ -32,7 +32,10 @@ from tests.gateway.processes import (
 from tests.integration.agent_process import AgentProcess
 
 POOL = "fault"
-MAX_TOKENS = 900
+# Long enough that every stream is still running at the kill, short enough to keep the exposure to fp32
+# near-ties low: a replay recomputes the prefix in a prefill, whose rounding differs from decode's by ~1e-6,
+# and the random tiny model has top-2 logit gaps that small now and then (900 tokens flipped one in ~1/3 runs).
+MAX_TOKENS = 300
 REQUESTS: list[dict[str, Any]] = [
     *({"kind": "completion", "prompt": f"Story number {i}:", "temperature": 0} for i in range(4)),
     {"kind": "chat", "messages": [{"role": "user", "content": "Tell me about rivers."}], "temperature": 0},
