@@ -16,13 +16,13 @@ from hypothesis import strategies as st
 from kunserve.agent.engine.output import RequestState
 from kunserve.agent.engine.sequence import FinishReason as EngineFinish
 from kunserve.agent.engine.sequence import SamplingParams, Sequence
+from kunserve.agent.model.text import TextAssembler
 from kunserve.agent.model.tokenizer import Tokenizer
 from kunserve.gateway.generation import FinishReason, Generation, GenerationParams, GenerationRequest
 from kunserve.gateway.journal import Journal, JournalEntry
 from kunserve.gateway.metrics import GatewayMetrics
 from kunserve.gateway.replicas import ReplicaRegistry, ReplicaState
 from kunserve.gateway.router import Router
-from kunserve.gateway.text import TextAssembler
 from kunserve.gateway.topology import ReplicaSpec, Topology
 from kunserve.rpc.v1 import inference_pb2
 
@@ -168,29 +168,28 @@ def test_replays_are_bounded(tokenizer: Tokenizer) -> None:
 
 @settings(max_examples=60, deadline=None)
 @given(data=st.data())
-def test_gateway_text_equals_the_engines(tiny_dir: Path, data: st.DataObject) -> None:
-    """TextAssembler reproduces the engine's streamed text and stop decision for any token sequence."""
+def test_stop_strings_cut_the_text_where_they_first_appear(tiny_dir: Path, data: st.DataObject) -> None:
+    """The engine's request text (the TextAssembler the gateway also uses across replays) streams the plain
+    detokenized text cut right before the first stop string, and finishes with STOP exactly when one appears."""
     tok = Tokenizer(tiny_dir)
     ids = data.draw(st.lists(st.integers(3, 2047), min_size=1, max_size=40))
-    full = tok.decode(ids)
-    stops: tuple[str, ...] = ()
-    if full and data.draw(st.booleans()):
-        i = data.draw(st.integers(0, len(full) - 1))
-        stops = (full[i: i + data.draw(st.integers(1, 6))],)
     prompt = [5, 6, 7]
+    plain_asm = TextAssembler(tok, prompt, (), frozenset())
+    plain = "".join(plain_asm.add(t).text for t in ids) + plain_asm.finish()
+    stops: tuple[str, ...] = ()
+    if plain and data.draw(st.booleans()):
+        i = data.draw(st.integers(0, len(plain) - 1))
+        stops = (plain[i: i + data.draw(st.integers(1, 6))],)
     engine = RequestState(Sequence("r", prompt, SamplingParams(max_tokens=len(ids), stop=stops, ignore_eos=True)),
-                          tok)
-    gateway = TextAssembler(tok, prompt, stops, frozenset())
-    engine_text, gateway_text = "", ""
+                          tok, frozenset())
+    streamed = ""
     for t in ids:
         engine.seq.append_token(t)
-        out = engine.on_token(t, frozenset(), 10_000)
-        step = gateway.add(t)
-        engine_text += out.new_text
-        gateway_text += step.text
-        if out.finished or step.stopped:
+        out = engine.on_token(t, 10_000)
+        streamed += out.new_text
+        if out.finished:
             break
-    assert step.stopped == (out.finish_reason is EngineFinish.STOP)  # the same stop decision, at the same token
-    if not step.stopped:
-        gateway_text += gateway.finish()
-    assert gateway_text == engine_text
+    assert out.finished
+    cut = min((i for s in stops if (i := plain.find(s)) >= 0), default=None)
+    assert (out.finish_reason is EngineFinish.STOP) == (cut is not None)
+    assert streamed == (plain if cut is None else plain[:cut]) == out.text

@@ -5,7 +5,7 @@ lost, the process died, an abort the gateway did not ask for, a stream that ends
 reason), it re-submits prompt + those k tokens to another replica with max_tokens - k, the same seed and
 sample_index_offset = k, and goes on from the next token: nothing is repeated (the replay starts after
 the tokens already sent) and nothing is skipped (only tokens the gateway received count). Text comes from
-the gateway's own detokenizer (kunserve.gateway.text), so it continues exactly too. At most `max_replays`
+the gateway's own detokenizer (kunserve.agent.model.text), so it continues exactly too. At most `max_replays`
 re-submissions; then the request fails (503 before the first token, an error event after it).
 """
 
@@ -21,6 +21,7 @@ from typing import Any
 
 import grpc
 
+from kunserve.agent.model.text import TextAssembler
 from kunserve.agent.model.tokenizer import Tokenizer
 from kunserve.gateway.errors import (
     InvalidRequestError,
@@ -32,7 +33,6 @@ from kunserve.gateway.journal import JournalEntry
 from kunserve.gateway.metrics import GatewayMetrics
 from kunserve.gateway.replicas import Health, ReplicaState
 from kunserve.gateway.router import Router
-from kunserve.gateway.text import TextAssembler
 from kunserve.rpc.v1 import inference_pb2
 
 log = logging.getLogger(__name__)

@@ -98,7 +98,7 @@ class LLMEngine:
         if request_id in self._requests:
             raise InvalidRequestError(f"request id {request_id!r} is already running")
         seq = Seq(request_id, ids, params)
-        self._requests[request_id] = RequestState(seq, self.tokenizer)
+        self._requests[request_id] = RequestState(seq, self.tokenizer, self.eos_token_ids)
         self.scheduler.add(seq)
         return request_id
 
@@ -154,7 +154,7 @@ class LLMEngine:
         for seq, token in zip(seqs, tokens, strict=True):
             state = self._requests[seq.request_id]
             seq.append_token(token)
-            out = state.on_token(token, self.eos_token_ids, limit)
+            out = state.on_token(token, limit)
             if out.finished:
                 self.scheduler.finish(seq)
                 del self._requests[seq.request_id]

@@ -74,4 +74,4 @@ def adopt_request(engine: LLMEngine, moved: MigratedRequest) -> None:
     seq.num_computed_tokens = n
     seq.first_token_time = seq.arrival_time if moved.output_token_ids else None
     seq.status = SequenceStatus.RUNNING
-    engine.adopt(RequestState(seq, engine.tokenizer))
+    engine.adopt(RequestState(seq, engine.tokenizer, engine.eos_token_ids))

@@ -6,7 +6,8 @@ import time
 from dataclasses import dataclass, field
 
 from kunserve.agent.engine.sequence import FinishReason, Sequence
-from kunserve.agent.model.tokenizer import IncrementalDetokenizer, Tokenizer
+from kunserve.agent.model.text import TextAssembler
+from kunserve.agent.model.tokenizer import Tokenizer
 
 
 @dataclass(slots=True)
@@ -43,44 +44,29 @@ class Pressure:
 
 @dataclass(slots=True)
 class RequestState:
-    """Engine-side bookkeeping of one request: detokenizer and stop-string hold-back."""
+    """Engine-side bookkeeping of one request: its text (detokenizer and stop rules) and finish reason."""
 
     seq: Sequence
     tokenizer: Tokenizer
-    detok: IncrementalDetokenizer = field(init=False)
-    text: str = ""  # decoded output, possibly holding back a partial stop string
-    emitted: int = 0  # characters of `text` already returned
+    eos_token_ids: frozenset[int]
+    assembler: TextAssembler = field(init=False)
 
     def __post_init__(self) -> None:
-        # Seeded with every token so far, so an adopted request does not re-send text already streamed.
-        self.detok = IncrementalDetokenizer(self.tokenizer, self.seq.token_ids)
+        p = self.seq.params
+        hidden = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos_token_ids)
+        # Primed with every token so far, so an adopted request does not re-send text already streamed.
+        self.assembler = TextAssembler(self.tokenizer, self.seq.token_ids, p.stop, hidden)
 
-    def on_token(self, token: int, eos_ids: frozenset[int], context_limit: int) -> RequestOutput:
+    def on_token(self, token: int, context_limit: int) -> RequestOutput:
         seq, p = self.seq, self.seq.params
-        delta = self.detok.add(token)
-        stop_token = (not p.ignore_eos and token in eos_ids) or token in p.stop_token_ids
-        if not stop_token:  # the text of a stop token (eos or a stop_token_id) is not returned
-            self.text += delta
-        # The stop-string cut runs first so a stop string never survives a stop token that also ends the text.
-        cut = bool(p.stop) and self._cut_at_stop()
-        if cut or stop_token:
+        step = self.assembler.add(token)
+        stop_token = (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids
+        if step.stopped or stop_token:
             seq.finish_reason = FinishReason.STOP
         elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= context_limit:
             seq.finish_reason = FinishReason.LENGTH
-        hold = 0 if seq.finish_reason or not p.stop else max(len(s) for s in p.stop) - 1
-        end = max(self.emitted, len(self.text) - hold)
-        delta = self.text[self.emitted : end]
-        self.emitted = end
+        delta = step.text + (self.assembler.finish() if seq.finish_reason else "")
         return self.output([token], delta)
-
-    def _cut_at_stop(self) -> bool:
-        longest = max(len(s) for s in self.seq.params.stop)
-        window_start = max(0, self.emitted - longest)
-        hits = [i for s in self.seq.params.stop if (i := self.text.find(s, window_start)) >= 0]
-        if not hits:
-            return False
-        self.text = self.text[: min(hits)]
-        return True
 
     def output(self, new_ids: list[int], delta: str) -> RequestOutput:
         seq = self.seq
@@ -92,6 +78,6 @@ class RequestState:
             finish_reason=seq.finish_reason,
             prompt_token_ids=seq.prompt_token_ids,
             token_ids=seq.output_token_ids if seq.finish_reason else [],
-            text=self.text[: self.emitted],
+            text=self.assembler.text,
             ttft_s=ttft,
         )

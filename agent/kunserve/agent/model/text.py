@@ -1,12 +1,10 @@
-"""Client-visible text, computed in the gateway from token ids.
+"""Client-visible text of one request, from its token ids: incremental detokenization plus the stop rules
+(a stop string ends the text and is not returned; text that could be the start of a stop string is held
+back until it cannot be; the text of a stop token, EOS or a stop_token_id, is never returned).
 
-The agent streams text deltas too, but a replayed request starts a fresh detokenizer and stop-string
-window on the new agent: its deltas would not continue the first agent's text exactly (a character split
-across the replay point, a stop string straddling it). The gateway therefore owns the text: one
-incremental detokenizer per request, primed with the original prompt and fed every token in order
-whichever agent produced it, with the same stop-string rules as the engine (a stop string ends the text
-and is not returned; text that could be the start of a stop string is held back until it cannot be).
-For an uninterrupted request this gives exactly the agent's text.
+The engine uses it for every request; the gateway uses the same class to own a request's text across a
+token replay (a replayed request starts a fresh detokenizer on the new agent, whose deltas would not
+continue the first agent's text exactly). Imports no torch.
 """
 
 from __future__ import annotations
