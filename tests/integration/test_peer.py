@@ -81,4 +81,4 @@ def test_missing_things_are_not_found(peer: tuple[AgentProcess, Path]) -> None:
     with pytest.raises(PeerError, match="NOT_FOUND"):
         pull_kv(agent.target, "no-such-request", [0])
     with pytest.raises(PeerError, match="NOT_FOUND"):
-        PeerWeightSource(agent.target).read(["layers.99.qkv_proj.weight"])
+        PeerWeightSource(agent.target).read_weights(["layers.99.qkv_proj.weight"])

@@ -184,7 +184,7 @@ def test_tensor_of_the_wrong_shape(ckpt_dir: Path) -> None:
     save_file(tensors, str(ckpt_dir / "model.safetensors"))
     err = _error(load_model, Checkpoint(ckpt_dir), torch.float32, "cpu", None, False)
     assert err.path == ckpt_dir
-    assert "model.layers.1.down_proj.weight" in str(err)
+    assert ": layers.1.down_proj.weight: shape (192, 511), expected (192, 512)" in str(err)
     assert "shape" in str(err)
 
 

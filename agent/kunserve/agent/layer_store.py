@@ -20,8 +20,8 @@ import torch
 from kunserve.agent.engine.llm_engine import LLMEngine
 from kunserve.agent.errors import KunServeError, PoolError
 from kunserve.agent.model.llama import DecoderLayer, RMSNorm, _linear
-from kunserve.agent.model.loader import _copy_into, weight_bytes
-from kunserve.agent.weights import CheckpointSource, WeightSource
+from kunserve.agent.model.loader import copy_weights, weight_bytes
+from kunserve.agent.weights import WeightSource
 
 
 class LayerStoreError(KunServeError):
@@ -95,6 +95,8 @@ class LayerStore:
             names.append("norm.weight")
         if model.lm_head is None and not (tied and model.embed_tokens is not None):
             names.append("lm_head.weight")
+        # Read first (host memory), so a source that fails leaves the agent exactly as it was.
+        weights = (source or engine.checkpoint).read_weights(names)
         removed = sum(self._grown)
         if removed:
             try:
@@ -102,43 +104,34 @@ class LayerStore:
             except PoolError as exc:
                 raise LayerStoreError(f"cannot restore yet: {exc}") from exc
         self._grown.clear()
-        weights = (source or CheckpointSource(engine.checkpoint)).read(names)
         before = weight_bytes(model)
         layers = {int(i): layer for i, layer in model.layers.items()}
         for i in missing:
-            layer = DecoderLayer(cfg, i, model.dtype, model.device, model.input_major)
-            prefix = f"layers.{i}."
-            _copy_into(layer, {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)},
-                       engine.checkpoint.dir, prefix)
-            layers[i] = layer
+            layers[i] = DecoderLayer(cfg, i, model.dtype, model.device, model.input_major)
         model.set_layers(layers)  # type: ignore[arg-type]
-        self._restore_ends(weights)
+        self._rebuild_ends()
+        copy_weights(model, weights, engine.checkpoint.dir)
         engine.kv_cache.set_held_layers(list(range(self.num_layers)))
         loaded = weight_bytes(model) - before
         engine.weight_bytes += loaded
         return RestoreResult((0, self.num_layers), loaded, removed, time.perf_counter() - t0)
 
-    def _restore_ends(self, weights: dict[str, torch.Tensor]) -> None:
-        """Rebuild the embedding, final norm and LM head where missing (tied heads share the embedding)."""
+    def _rebuild_ends(self) -> None:
+        """Recreate the embedding, final norm and LM head where missing (tied heads share the embedding);
+        their weights are copied in by the caller."""
         model, cfg = self.engine.model, self.engine.model_config
-        src, h, vocab = self.engine.checkpoint.dir, cfg.hidden_size, cfg.vocab_size
-        tied = cfg.tie_word_embeddings
+        h, vocab, tied = cfg.hidden_size, cfg.vocab_size, cfg.tie_word_embeddings
         if model.embed_tokens is None:
-            emb = torch.nn.Embedding(vocab, h, dtype=model.dtype, device=model.device).requires_grad_(False)
+            model.embed_tokens = torch.nn.Embedding(vocab, h, dtype=model.dtype, device=model.device)
+            model.embed_tokens.requires_grad_(False)
             if tied and model.lm_head is not None:
-                emb.weight = model.lm_head.weight  # the head kept the shared matrix
-            else:
-                _copy_into(emb, {"weight": weights["embed_tokens.weight"]}, src, "embed_tokens.")
-            model.embed_tokens = emb
+                model.embed_tokens.weight = model.lm_head.weight  # the head kept the shared matrix
         if model.norm is None:
             model.norm = RMSNorm(h, cfg.rms_norm_eps, model.dtype, model.device)
-            _copy_into(model.norm, {"weight": weights["norm.weight"]}, src, "norm.")
         if model.lm_head is None:
             model.lm_head = _linear(h, vocab, False, model.dtype, model.device, model.input_major)
             if tied:
                 model.lm_head.weight = model.embed_tokens.weight
-            else:
-                _copy_into(model.lm_head, {"weight": weights["lm_head.weight"]}, src, "lm_head.")
 
 
 def _layer_param_names(engine: LLMEngine) -> list[str]:

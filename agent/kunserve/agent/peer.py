@@ -77,7 +77,7 @@ class PeerWeightSource:
     def __init__(self, target: str, timeout_s: float = 120.0, device: torch.device | str = "cpu") -> None:
         self.target, self.timeout_s, self.device = target, timeout_s, device
 
-    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+    def read_weights(self, names: list[str]) -> dict[str, torch.Tensor]:
         with grpc.insecure_channel(self.target, options=grpc_channel_options()) as channel:
             stub = peer_pb2_grpc.PeerStub(channel)
             try:

@@ -7,6 +7,7 @@ never touches the rest of the file. HF's separate q/k/v and gate/up projections 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -16,8 +17,9 @@ from tqdm import tqdm
 
 from kunserve.agent.errors import CheckpointError
 from kunserve.agent.model.config import ModelConfig
-from kunserve.agent.model.llama import DecoderLayer, LlamaModel
+from kunserve.agent.model.llama import LlamaModel
 
+_LAYER_NAME = re.compile(r"^layers\.(\d+)\.(.+)$")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
@@ -83,6 +85,31 @@ class Checkpoint:
                     raise CheckpointError(path, f"cannot read tensors: {exc}") from exc
         return out
 
+    def read_weights(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Tensors under the engine's state-dict names ("layers.3.qkv_proj.weight", "embed_tokens.weight",
+        "norm.weight", "lm_head.weight"), mapped to the checkpoint's HF names (q/k/v and gate/up fused)."""
+        out: dict[str, torch.Tensor] = {}
+        layers: dict[int, dict[str, torch.Tensor]] = {}
+        for name in names:
+            m = _LAYER_NAME.match(name)
+            if m:
+                i = int(m.group(1))
+                if i not in layers:
+                    layers[i] = self.read_layer(i)
+                if m.group(2) not in layers[i]:
+                    raise CheckpointError(self.dir, f"no tensor for {name}")
+                out[name] = layers[i][m.group(2)]
+                continue
+            hf = {
+                "embed_tokens.weight": "model.embed_tokens.weight",
+                "norm.weight": "model.norm.weight",
+                "lm_head.weight": "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight",
+            }.get(name)
+            if hf is None:
+                raise CheckpointError(self.dir, f"unknown weight name {name!r}")
+            out[name] = self.read([hf])[hf]
+        return out
+
     def layer_tensor_names(self, layer: int) -> list[str]:
         p = f"model.layers.{layer}."
         names = [p + n for n in ("input_layernorm.weight", "post_attention_layernorm.weight",
@@ -110,19 +137,29 @@ class Checkpoint:
         return fused
 
 
-def load_layer(ckpt: Checkpoint, layer: DecoderLayer) -> None:
-    """Fill a decoder layer's parameters from the checkpoint (shape-checked)."""
-    _copy_into(layer, ckpt.read_layer(layer.layer_id), ckpt.dir, f"model.layers.{layer.layer_id}.")
-
-
-def _copy_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: Path, prefix: str) -> None:
-    params = dict(module.named_parameters())
-    for name, value in tensors.items():
-        target = params[name]
+def copy_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: Path) -> None:
+    """Copy tensors named as in the model's state dict into its parameters (shape-checked, cast to the
+    parameter's dtype/device/layout)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name, value in weights.items():
+        target = params.get(name)
+        if target is None:
+            raise CheckpointError(source, f"{name}: the model has no such parameter")
         if tuple(target.shape) != tuple(value.shape):
-            raise CheckpointError(source, f"{prefix}{name}: shape {tuple(value.shape)}, expected {tuple(target.shape)}")
+            raise CheckpointError(source, f"{name}: shape {tuple(value.shape)}, expected {tuple(target.shape)}")
         with torch.no_grad():
             target.copy_(value)
+
+
+def parameter_names(model: torch.nn.Module) -> list[str]:
+    """State-dict names of the model's parameters, one per storage (a tied LM head is loaded once)."""
+    seen: set[int] = set()
+    names = []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            names.append(name)
+    return names
 
 
 def load_model(
@@ -137,24 +174,13 @@ def load_model(
     cfg = ckpt.config
     start, end = layer_range or (0, cfg.num_hidden_layers)
     model = LlamaModel(cfg, start, end, dtype, torch.device(device), input_major)
-    layers = list(model.layers.values())
-    bar = tqdm(total=len(layers) + 2, desc=f"loading {ckpt.dir.name}", unit="part", disable=not progress)
-    with bar:
-        if model.embed_tokens is not None:
-            _copy_into(model.embed_tokens, {"weight": ckpt.read(["model.embed_tokens.weight"])[
-                "model.embed_tokens.weight"]}, ckpt.dir, "model.embed_tokens.")
-        bar.update(1)
-        for layer in layers:
-            assert isinstance(layer, DecoderLayer)
-            load_layer(ckpt, layer)
+    names = parameter_names(model)
+    parts = [[n for n in names if not n.startswith("layers.")]]
+    parts += [[n for n in names if n.startswith(f"layers.{i}.")] for i in range(start, end)]
+    with tqdm(total=len(parts), desc=f"loading {ckpt.dir.name}", unit="part", disable=not progress) as bar:
+        for part in parts:
+            copy_weights(model, ckpt.read_weights(part), ckpt.dir)
             bar.update(1)
-        if model.norm is not None and model.lm_head is not None:
-            _copy_into(model.norm, {"weight": ckpt.read(["model.norm.weight"])["model.norm.weight"]}, ckpt.dir,
-                       "model.norm.")
-            head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
-            if not (cfg.tie_word_embeddings and model.embed_tokens is not None):
-                _copy_into(model.lm_head, {"weight": ckpt.read([head])[head]}, ckpt.dir, "lm_head.")
-        bar.update(1)
     return model.eval()
 
 
