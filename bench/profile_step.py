@@ -28,10 +28,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--weight-layout", default="auto", choices=["auto", "input-major", "output-major"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     engine = LLMEngine(EngineConfig(model=args.model, progress=False, max_num_seqs=args.batch,
-                                    torch_threads=args.threads))
+                                    torch_threads=args.threads, weight_layout=args.weight_layout))
     params = SamplingParams(max_tokens=args.warmup_steps + 2 * args.steps + 8, temperature=0.0, ignore_eos=True)
     for _ in range(args.batch):
         engine.add_request(list(range(100, 100 + args.prompt_tokens)), params)
