@@ -45,6 +45,21 @@ class AgentStub:
                 request_serializer=kunserve_dot_rpc_dot_v1_dot_agent__pb2.WatchPressureRequest.SerializeToString,
                 response_deserializer=kunserve_dot_rpc_dot_v1_dot_agent__pb2.Pressure.FromString,
                 _registered_method=True)
+        self.Prepare = channel.unary_unary(
+                '/kunserve.rpc.v1.Agent/Prepare',
+                request_serializer=kunserve_dot_rpc_dot_v1_dot_agent__pb2.PrepareRequest.SerializeToString,
+                response_deserializer=kunserve_dot_rpc_dot_v1_dot_agent__pb2.PrepareResponse.FromString,
+                _registered_method=True)
+        self.Commit = channel.unary_unary(
+                '/kunserve.rpc.v1.Agent/Commit',
+                request_serializer=kunserve_dot_rpc_dot_v1_dot_agent__pb2.CommitRequest.SerializeToString,
+                response_deserializer=kunserve_dot_rpc_dot_v1_dot_agent__pb2.CommitResponse.FromString,
+                _registered_method=True)
+        self.Abort = channel.unary_unary(
+                '/kunserve.rpc.v1.Agent/Abort',
+                request_serializer=kunserve_dot_rpc_dot_v1_dot_agent__pb2.AbortReconfigurationRequest.SerializeToString,
+                response_deserializer=kunserve_dot_rpc_dot_v1_dot_agent__pb2.AbortReconfigurationResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -68,6 +83,40 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Prepare(self, request, context):
+        """Phase one of a reconfiguration, sent to every member of the group: the
+        agent checks that it can take part (it is in the group, the layer ranges
+        cover the model, the epoch is newer than its own, every peer answers) and
+        readies itself (a restore reads the weights it will load into host
+        memory). Idempotent for the same epoch and group. FAILED_PRECONDITION
+        with the reason when it cannot; nothing changes then.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Commit(self, request, context):
+        """Phase two, sent to the group's leader (stage 0) only, after every member
+        prepared: the leader carries out the reconfiguration on every member over
+        the Peer service (drop: each member drops its layers and hands its
+        requests to the leader; restore: weights back, KV back to each request's
+        owner, the group splits into replicas). On failure the leader rolls every
+        member back and answers ABORTED. Idempotent: a Commit of the epoch already
+        committed answers the same result again. Sent to a member that is not the
+        leader it answers FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Abort(self, request, context):
+        """Drops a prepared reconfiguration (any member). Answers was_prepared =
+        false when nothing was prepared for that epoch; never fails otherwise.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -80,6 +129,21 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.WatchPressure,
                     request_deserializer=kunserve_dot_rpc_dot_v1_dot_agent__pb2.WatchPressureRequest.FromString,
                     response_serializer=kunserve_dot_rpc_dot_v1_dot_agent__pb2.Pressure.SerializeToString,
+            ),
+            'Prepare': grpc.unary_unary_rpc_method_handler(
+                    servicer.Prepare,
+                    request_deserializer=kunserve_dot_rpc_dot_v1_dot_agent__pb2.PrepareRequest.FromString,
+                    response_serializer=kunserve_dot_rpc_dot_v1_dot_agent__pb2.PrepareResponse.SerializeToString,
+            ),
+            'Commit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Commit,
+                    request_deserializer=kunserve_dot_rpc_dot_v1_dot_agent__pb2.CommitRequest.FromString,
+                    response_serializer=kunserve_dot_rpc_dot_v1_dot_agent__pb2.CommitResponse.SerializeToString,
+            ),
+            'Abort': grpc.unary_unary_rpc_method_handler(
+                    servicer.Abort,
+                    request_deserializer=kunserve_dot_rpc_dot_v1_dot_agent__pb2.AbortReconfigurationRequest.FromString,
+                    response_serializer=kunserve_dot_rpc_dot_v1_dot_agent__pb2.AbortReconfigurationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -137,6 +201,87 @@ class Agent:
             '/kunserve.rpc.v1.Agent/WatchPressure',
             kunserve_dot_rpc_dot_v1_dot_agent__pb2.WatchPressureRequest.SerializeToString,
             kunserve_dot_rpc_dot_v1_dot_agent__pb2.Pressure.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Prepare(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kunserve.rpc.v1.Agent/Prepare',
+            kunserve_dot_rpc_dot_v1_dot_agent__pb2.PrepareRequest.SerializeToString,
+            kunserve_dot_rpc_dot_v1_dot_agent__pb2.PrepareResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Commit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kunserve.rpc.v1.Agent/Commit',
+            kunserve_dot_rpc_dot_v1_dot_agent__pb2.CommitRequest.SerializeToString,
+            kunserve_dot_rpc_dot_v1_dot_agent__pb2.CommitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Abort(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kunserve.rpc.v1.Agent/Abort',
+            kunserve_dot_rpc_dot_v1_dot_agent__pb2.AbortReconfigurationRequest.SerializeToString,
+            kunserve_dot_rpc_dot_v1_dot_agent__pb2.AbortReconfigurationResponse.FromString,
             options,
             channel_credentials,
             insecure,

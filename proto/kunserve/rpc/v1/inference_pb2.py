@@ -24,29 +24,29 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fkunserve/rpc/v1/inference.proto\x12\x0fkunserve.rpc.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xca\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x1b\n\x13sample_index_offset\x18\t \x01(\rB\x07\n\x05_seed\"\xa2\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12.\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x19.kunserve.rpc.v1.TokenIdsH\x00\x12\x31\n\x08sampling\x18\x04 \x01(\x0b\x32\x1f.kunserve.rpc.v1.SamplingParamsB\x08\n\x06prompt\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\xb4\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x34\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1d.kunserve.rpc.v1.FinishReason\x12%\n\x05usage\x18\x05 \x01(\x0b\x32\x16.kunserve.rpc.v1.Usage\x12\x0e\n\x06ttft_s\x18\x06 \x01(\x02\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xa6\x01\n\tInference\x12Q\n\x08Generate\x12 .kunserve.rpc.v1.GenerateRequest\x1a!.kunserve.rpc.v1.GenerateResponse0\x01\x12\x46\n\x05\x41\x62ort\x12\x1d.kunserve.rpc.v1.AbortRequest\x1a\x1e.kunserve.rpc.v1.AbortResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fkunserve/rpc/v1/inference.proto\x12\x0fkunserve.rpc.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xca\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x1b\n\x13sample_index_offset\x18\t \x01(\rB\x07\n\x05_seed\"\xb1\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12.\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x19.kunserve.rpc.v1.TokenIdsH\x00\x12\x31\n\x08sampling\x18\x04 \x01(\x0b\x32\x1f.kunserve.rpc.v1.SamplingParams\x12\r\n\x05owner\x18\x05 \x01(\tB\x08\n\x06prompt\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\xc9\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x34\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1d.kunserve.rpc.v1.FinishReason\x12%\n\x05usage\x18\x05 \x01(\x0b\x32\x16.kunserve.rpc.v1.Usage\x12\x0e\n\x06ttft_s\x18\x06 \x01(\x02\x12\x13\n\x0bhanded_back\x18\x07 \x01(\x08\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xa6\x01\n\tInference\x12Q\n\x08Generate\x12 .kunserve.rpc.v1.GenerateRequest\x1a!.kunserve.rpc.v1.GenerateResponse0\x01\x12\x46\n\x05\x41\x62ort\x12\x1d.kunserve.rpc.v1.AbortRequest\x1a\x1e.kunserve.rpc.v1.AbortResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kunserve.rpc.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=757
-  _globals['_FINISHREASON']._serialized_end=877
+  _globals['_FINISHREASON']._serialized_start=793
+  _globals['_FINISHREASON']._serialized_end=913
   _globals['_TOKENIDS']._serialized_start=52
   _globals['_TOKENIDS']._serialized_end=75
   _globals['_SAMPLINGPARAMS']._serialized_start=78
   _globals['_SAMPLINGPARAMS']._serialized_end=280
   _globals['_GENERATEREQUEST']._serialized_start=283
-  _globals['_GENERATEREQUEST']._serialized_end=445
-  _globals['_USAGE']._serialized_start=447
-  _globals['_USAGE']._serialized_end=504
-  _globals['_GENERATERESPONSE']._serialized_start=507
-  _globals['_GENERATERESPONSE']._serialized_end=687
-  _globals['_ABORTREQUEST']._serialized_start=689
-  _globals['_ABORTREQUEST']._serialized_end=723
-  _globals['_ABORTRESPONSE']._serialized_start=725
-  _globals['_ABORTRESPONSE']._serialized_end=755
-  _globals['_INFERENCE']._serialized_start=880
-  _globals['_INFERENCE']._serialized_end=1046
+  _globals['_GENERATEREQUEST']._serialized_end=460
+  _globals['_USAGE']._serialized_start=462
+  _globals['_USAGE']._serialized_end=519
+  _globals['_GENERATERESPONSE']._serialized_start=522
+  _globals['_GENERATERESPONSE']._serialized_end=723
+  _globals['_ABORTREQUEST']._serialized_start=725
+  _globals['_ABORTREQUEST']._serialized_end=759
+  _globals['_ABORTRESPONSE']._serialized_start=761
+  _globals['_ABORTRESPONSE']._serialized_end=791
+  _globals['_INFERENCE']._serialized_start=916
+  _globals['_INFERENCE']._serialized_end=1082
 # @@protoc_insertion_point(module_scope)

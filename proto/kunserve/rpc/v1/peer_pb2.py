@@ -22,20 +22,68 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from kunserve.rpc.v1 import agent_pb2 as kunserve_dot_rpc_dot_v1_dot_agent__pb2
+from kunserve.rpc.v1 import inference_pb2 as kunserve_dot_rpc_dot_v1_dot_inference__pb2
 from kunserve.rpc.v1 import tensor_pb2 as kunserve_dot_rpc_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1akunserve/rpc/v1/peer.proto\x12\x0fkunserve.rpc.v1\x1a\x1ckunserve/rpc/v1/tensor.proto\"8\n\x12PullWeightsRequest\x12\r\n\x05names\x18\x01 \x03(\t\x12\x13\n\x0b\x63hunk_bytes\x18\x02 \x01(\r\"H\n\rPullKVRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06layers\x18\x02 \x03(\x05\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\r2\xa4\x01\n\x04Peer\x12R\n\x0bPullWeights\x12#.kunserve.rpc.v1.PullWeightsRequest\x1a\x1c.kunserve.rpc.v1.TensorChunk0\x01\x12H\n\x06PullKV\x12\x1e.kunserve.rpc.v1.PullKVRequest\x1a\x1c.kunserve.rpc.v1.TensorChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1akunserve/rpc/v1/peer.proto\x12\x0fkunserve.rpc.v1\x1a\x1bkunserve/rpc/v1/agent.proto\x1a\x1fkunserve/rpc/v1/inference.proto\x1a\x1ckunserve/rpc/v1/tensor.proto\"\x19\n\nBlockTable\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x83\x02\n\x08StageSeq\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\x05\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12+\n\x06tables\x18\x05 \x03(\x0b\x32\x1b.kunserve.rpc.v1.BlockTable\x12\x10\n\x08kv_stage\x18\x06 \x01(\x05\x12\x15\n\rremote_layers\x18\x07 \x03(\x05\x12\x0e\n\x06sample\x18\x08 \x01(\x08\x12\x31\n\x08sampling\x18\t \x01(\x0b\x32\x1f.kunserve.rpc.v1.SamplingParams\x12\x14\n\x0coutput_index\x18\n \x01(\x05\"\x8e\x01\n\nStageBatch\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x10\n\x08\x62\x61tch_id\x18\x02 \x01(\x04\x12\r\n\x05stage\x18\x03 \x01(\x05\x12\'\n\x04seqs\x18\x04 \x03(\x0b\x32\x19.kunserve.rpc.v1.StageSeq\x12\'\n\x06hidden\x18\x05 \x01(\x0b\x32\x17.kunserve.rpc.v1.Tensor\" \n\x0bStageResult\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"F\n\x0c\x41ttentionSeq\x12\x13\n\x0b\x62lock_table\x18\x01 \x03(\x05\x12\r\n\x05start\x18\x02 \x01(\x05\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\"\xcf\x01\n\x16RemoteAttentionRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\r\n\x05layer\x18\x02 \x01(\x05\x12+\n\x04seqs\x18\x03 \x03(\x0b\x32\x1d.kunserve.rpc.v1.AttentionSeq\x12\"\n\x01q\x18\x04 \x01(\x0b\x32\x17.kunserve.rpc.v1.Tensor\x12\"\n\x01k\x18\x05 \x01(\x0b\x32\x17.kunserve.rpc.v1.Tensor\x12\"\n\x01v\x18\x06 \x01(\x0b\x32\x17.kunserve.rpc.v1.Tensor\"?\n\x17RemoteAttentionResponse\x12$\n\x03out\x18\x01 \x01(\x0b\x32\x17.kunserve.rpc.v1.Tensor\"\x93\x01\n\x0fImportKVRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x14\n\x0csource_table\x18\x04 \x03(\x05\x12\x13\n\x0b\x62lock_table\x18\x05 \x03(\x05\x12\x12\n\nnum_tokens\x18\x06 \x01(\x05\x12\x0e\n\x06layers\x18\x07 \x03(\x05\"!\n\x10ImportKVResponse\x12\r\n\x05\x62ytes\x18\x01 \x01(\x03\"\xda\x01\n\rHandedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x18\n\x10output_token_ids\x18\x03 \x03(\x05\x12\x31\n\x08sampling\x18\x04 \x01(\x0b\x32\x1f.kunserve.rpc.v1.SamplingParams\x12\x1b\n\x13num_computed_tokens\x18\x05 \x01(\x05\x12\x13\n\x0b\x62lock_table\x18\x06 \x03(\x05\x12\r\n\x05owner\x18\x07 \x01(\t\x12\r\n\x05\x61ge_s\x18\x08 \x01(\x01\"\x1c\n\x0bJoinRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\"\x9d\x01\n\x0cJoinResponse\x12-\n\x06result\x18\x01 \x01(\x0b\x32\x1d.kunserve.rpc.v1.MemberResult\x12\x17\n\x0fkv_blocks_total\x18\x02 \x01(\x03\x12\x13\n\x0b\x66ull_blocks\x18\x03 \x01(\x03\x12\x30\n\x08requests\x18\x04 \x03(\x0b\x32\x1e.kunserve.rpc.v1.HandedRequest\"2\n\rResumeRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\x1f\n\x0eReclaimRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\">\n\x0fReclaimResponse\x12\x12\n\nnew_blocks\x18\x01 \x01(\x03\x12\x17\n\x0fkv_blocks_total\x18\x02 \x01(\x03\"C\n\nKVLocation\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x0e\n\x06layers\x18\x02 \x03(\x05\x12\x13\n\x0b\x62lock_table\x18\x03 \x03(\x05\"m\n\nCollectSeq\x12/\n\x07request\x18\x01 \x01(\x0b\x32\x1e.kunserve.rpc.v1.HandedRequest\x12.\n\tlocations\x18\x02 \x03(\x0b\x32\x1b.kunserve.rpc.v1.KVLocation\"J\n\x0e\x43ollectRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12)\n\x04seqs\x18\x02 \x03(\x0b\x32\x1b.kunserve.rpc.v1.CollectSeq\" \n\x0f\x43ollectResponse\x12\r\n\x05\x62ytes\x18\x01 \x01(\x03\"\x1d\n\x0cSplitRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\">\n\rSplitResponse\x12-\n\x06result\x18\x01 \x01(\x0b\x32\x1d.kunserve.rpc.v1.MemberResult\"/\n\x0e\x44isbandRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\"*\n\x0f\x44isbandResponse\x12\x17\n\x0f\x66\x61iled_requests\x18\x01 \x01(\x05\"8\n\x12PullWeightsRequest\x12\r\n\x05names\x18\x01 \x03(\t\x12\x13\n\x0b\x63hunk_bytes\x18\x02 \x01(\r\"q\n\rPullKVRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06layers\x18\x02 \x03(\x05\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\r\x12\x13\n\x0b\x62lock_table\x18\x04 \x03(\x05\x12\x12\n\nnum_tokens\x18\x05 \x01(\x05\x32\xe7\x06\n\x04Peer\x12R\n\x0bPullWeights\x12#.kunserve.rpc.v1.PullWeightsRequest\x1a\x1c.kunserve.rpc.v1.TensorChunk0\x01\x12H\n\x06PullKV\x12\x1e.kunserve.rpc.v1.PullKVRequest\x1a\x1c.kunserve.rpc.v1.TensorChunk0\x01\x12\x44\n\x07\x46orward\x12\x1b.kunserve.rpc.v1.StageBatch\x1a\x1c.kunserve.rpc.v1.StageResult\x12\x64\n\x0fRemoteAttention\x12\'.kunserve.rpc.v1.RemoteAttentionRequest\x1a(.kunserve.rpc.v1.RemoteAttentionResponse\x12O\n\x08ImportKV\x12 .kunserve.rpc.v1.ImportKVRequest\x1a!.kunserve.rpc.v1.ImportKVResponse\x12\x43\n\x04Join\x12\x1c.kunserve.rpc.v1.JoinRequest\x1a\x1d.kunserve.rpc.v1.JoinResponse\x12M\n\x06Resume\x12\x1e.kunserve.rpc.v1.ResumeRequest\x1a!.kunserve.rpc.v1.GenerateResponse0\x01\x12L\n\x07Reclaim\x12\x1f.kunserve.rpc.v1.ReclaimRequest\x1a .kunserve.rpc.v1.ReclaimResponse\x12L\n\x07\x43ollect\x12\x1f.kunserve.rpc.v1.CollectRequest\x1a .kunserve.rpc.v1.CollectResponse\x12\x46\n\x05Split\x12\x1d.kunserve.rpc.v1.SplitRequest\x1a\x1e.kunserve.rpc.v1.SplitResponse\x12L\n\x07\x44isband\x12\x1f.kunserve.rpc.v1.DisbandRequest\x1a .kunserve.rpc.v1.DisbandResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kunserve.rpc.v1.peer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PULLWEIGHTSREQUEST']._serialized_start=77
-  _globals['_PULLWEIGHTSREQUEST']._serialized_end=133
-  _globals['_PULLKVREQUEST']._serialized_start=135
-  _globals['_PULLKVREQUEST']._serialized_end=207
-  _globals['_PEER']._serialized_start=210
-  _globals['_PEER']._serialized_end=374
+  _globals['_BLOCKTABLE']._serialized_start=139
+  _globals['_BLOCKTABLE']._serialized_end=164
+  _globals['_STAGESEQ']._serialized_start=167
+  _globals['_STAGESEQ']._serialized_end=426
+  _globals['_STAGEBATCH']._serialized_start=429
+  _globals['_STAGEBATCH']._serialized_end=571
+  _globals['_STAGERESULT']._serialized_start=573
+  _globals['_STAGERESULT']._serialized_end=605
+  _globals['_ATTENTIONSEQ']._serialized_start=607
+  _globals['_ATTENTIONSEQ']._serialized_end=677
+  _globals['_REMOTEATTENTIONREQUEST']._serialized_start=680
+  _globals['_REMOTEATTENTIONREQUEST']._serialized_end=887
+  _globals['_REMOTEATTENTIONRESPONSE']._serialized_start=889
+  _globals['_REMOTEATTENTIONRESPONSE']._serialized_end=952
+  _globals['_IMPORTKVREQUEST']._serialized_start=955
+  _globals['_IMPORTKVREQUEST']._serialized_end=1102
+  _globals['_IMPORTKVRESPONSE']._serialized_start=1104
+  _globals['_IMPORTKVRESPONSE']._serialized_end=1137
+  _globals['_HANDEDREQUEST']._serialized_start=1140
+  _globals['_HANDEDREQUEST']._serialized_end=1358
+  _globals['_JOINREQUEST']._serialized_start=1360
+  _globals['_JOINREQUEST']._serialized_end=1388
+  _globals['_JOINRESPONSE']._serialized_start=1391
+  _globals['_JOINRESPONSE']._serialized_end=1548
+  _globals['_RESUMEREQUEST']._serialized_start=1550
+  _globals['_RESUMEREQUEST']._serialized_end=1600
+  _globals['_RECLAIMREQUEST']._serialized_start=1602
+  _globals['_RECLAIMREQUEST']._serialized_end=1633
+  _globals['_RECLAIMRESPONSE']._serialized_start=1635
+  _globals['_RECLAIMRESPONSE']._serialized_end=1697
+  _globals['_KVLOCATION']._serialized_start=1699
+  _globals['_KVLOCATION']._serialized_end=1766
+  _globals['_COLLECTSEQ']._serialized_start=1768
+  _globals['_COLLECTSEQ']._serialized_end=1877
+  _globals['_COLLECTREQUEST']._serialized_start=1879
+  _globals['_COLLECTREQUEST']._serialized_end=1953
+  _globals['_COLLECTRESPONSE']._serialized_start=1955
+  _globals['_COLLECTRESPONSE']._serialized_end=1987
+  _globals['_SPLITREQUEST']._serialized_start=1989
+  _globals['_SPLITREQUEST']._serialized_end=2018
+  _globals['_SPLITRESPONSE']._serialized_start=2020
+  _globals['_SPLITRESPONSE']._serialized_end=2082
+  _globals['_DISBANDREQUEST']._serialized_start=2084
+  _globals['_DISBANDREQUEST']._serialized_end=2131
+  _globals['_DISBANDRESPONSE']._serialized_start=2133
+  _globals['_DISBANDRESPONSE']._serialized_end=2175
+  _globals['_PULLWEIGHTSREQUEST']._serialized_start=2177
+  _globals['_PULLWEIGHTSREQUEST']._serialized_end=2233
+  _globals['_PULLKVREQUEST']._serialized_start=2235
+  _globals['_PULLKVREQUEST']._serialized_end=2348
+  _globals['_PEER']._serialized_start=2351
+  _globals['_PEER']._serialized_end=3222
 # @@protoc_insertion_point(module_scope)

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from kunserve.rpc.v1 import inference_pb2 as kunserve_dot_rpc_dot_v1_dot_inference__pb2
 from kunserve.rpc.v1 import peer_pb2 as kunserve_dot_rpc_dot_v1_dot_peer__pb2
 from kunserve.rpc.v1 import tensor_pb2 as kunserve_dot_rpc_dot_v1_dot_tensor__pb2
 
@@ -46,6 +47,51 @@ class PeerStub:
                 request_serializer=kunserve_dot_rpc_dot_v1_dot_peer__pb2.PullKVRequest.SerializeToString,
                 response_deserializer=kunserve_dot_rpc_dot_v1_dot_tensor__pb2.TensorChunk.FromString,
                 _registered_method=True)
+        self.Forward = channel.unary_unary(
+                '/kunserve.rpc.v1.Peer/Forward',
+                request_serializer=kunserve_dot_rpc_dot_v1_dot_peer__pb2.StageBatch.SerializeToString,
+                response_deserializer=kunserve_dot_rpc_dot_v1_dot_peer__pb2.StageResult.FromString,
+                _registered_method=True)
+        self.RemoteAttention = channel.unary_unary(
+                '/kunserve.rpc.v1.Peer/RemoteAttention',
+                request_serializer=kunserve_dot_rpc_dot_v1_dot_peer__pb2.RemoteAttentionRequest.SerializeToString,
+                response_deserializer=kunserve_dot_rpc_dot_v1_dot_peer__pb2.RemoteAttentionResponse.FromString,
+                _registered_method=True)
+        self.ImportKV = channel.unary_unary(
+                '/kunserve.rpc.v1.Peer/ImportKV',
+                request_serializer=kunserve_dot_rpc_dot_v1_dot_peer__pb2.ImportKVRequest.SerializeToString,
+                response_deserializer=kunserve_dot_rpc_dot_v1_dot_peer__pb2.ImportKVResponse.FromString,
+                _registered_method=True)
+        self.Join = channel.unary_unary(
+                '/kunserve.rpc.v1.Peer/Join',
+                request_serializer=kunserve_dot_rpc_dot_v1_dot_peer__pb2.JoinRequest.SerializeToString,
+                response_deserializer=kunserve_dot_rpc_dot_v1_dot_peer__pb2.JoinResponse.FromString,
+                _registered_method=True)
+        self.Resume = channel.unary_stream(
+                '/kunserve.rpc.v1.Peer/Resume',
+                request_serializer=kunserve_dot_rpc_dot_v1_dot_peer__pb2.ResumeRequest.SerializeToString,
+                response_deserializer=kunserve_dot_rpc_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
+                _registered_method=True)
+        self.Reclaim = channel.unary_unary(
+                '/kunserve.rpc.v1.Peer/Reclaim',
+                request_serializer=kunserve_dot_rpc_dot_v1_dot_peer__pb2.ReclaimRequest.SerializeToString,
+                response_deserializer=kunserve_dot_rpc_dot_v1_dot_peer__pb2.ReclaimResponse.FromString,
+                _registered_method=True)
+        self.Collect = channel.unary_unary(
+                '/kunserve.rpc.v1.Peer/Collect',
+                request_serializer=kunserve_dot_rpc_dot_v1_dot_peer__pb2.CollectRequest.SerializeToString,
+                response_deserializer=kunserve_dot_rpc_dot_v1_dot_peer__pb2.CollectResponse.FromString,
+                _registered_method=True)
+        self.Split = channel.unary_unary(
+                '/kunserve.rpc.v1.Peer/Split',
+                request_serializer=kunserve_dot_rpc_dot_v1_dot_peer__pb2.SplitRequest.SerializeToString,
+                response_deserializer=kunserve_dot_rpc_dot_v1_dot_peer__pb2.SplitResponse.FromString,
+                _registered_method=True)
+        self.Disband = channel.unary_unary(
+                '/kunserve.rpc.v1.Peer/Disband',
+                request_serializer=kunserve_dot_rpc_dot_v1_dot_peer__pb2.DisbandRequest.SerializeToString,
+                response_deserializer=kunserve_dot_rpc_dot_v1_dot_peer__pb2.DisbandResponse.FromString,
+                _registered_method=True)
 
 
 class PeerServicer:
@@ -68,6 +114,85 @@ class PeerServicer:
         named "kv.<layer>", shape [2 (k, v), tokens, kv_heads, head_dim], for the
         tokens whose KV is computed. NOT_FOUND if the request is unknown here or
         this agent holds no KV for a layer.
+        With block_table set, reads those blocks instead of a request's (the
+        blocks a group's leader assigned on this agent).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Forward(self, request, context):
+        """One micro-batch through this stage: runs the stage's layers on the hidden
+        states (token ids on stage 0), forwards the result to the next stage and
+        answers with the tokens the last stage sampled. Several micro-batches are
+        in flight at once so the stages overlap.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoteAttention(self, request, context):
+        """Attention for one layer of requests whose KV for that layer is still in
+        this agent's pool: appends k/v at the given positions and returns the
+        attention output. Called by the stage that holds the layer's weights.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportKV(self, request, context):
+        """KV exchange, one step: pull a request's KV for some layers from the agent
+        that holds it and write it into the given blocks here.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Join(self, request, context):
+        """Drop commit on a member that is not the leader: drop the layers the
+        prepared group gives it, grow the pool, and hand every request to the
+        leader (answered here); from now on it serves as a stage.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Resume(self, request, context):
+        """A member follows the outputs of a request it handed to the leader in
+        Join (the stream ends like Inference.Generate, or with handed_back).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Reclaim(self, request, context):
+        """Once a stage no longer holds KV of layers it dropped: reuse those layers'
+        pages as blocks of the layers it holds (no copy). Answers the blocks added.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Collect(self, request, context):
+        """Restore, step one (the group is paused): copy the KV of the requests this
+        member owns, every layer, from wherever it is into host memory.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Split(self, request, context):
+        """Restore, step two: load the dropped weights, rebuild the pool for every
+        layer, take back the collected requests and serve alone again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Disband(self, request, context):
+        """The group is gone (a member was lost, or a commit was rolled back): fail
+        the requests this member relays with a retryable error, restore every
+        layer from the local checkpoint and serve alone again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -85,6 +210,51 @@ def add_PeerServicer_to_server(servicer, server):
                     servicer.PullKV,
                     request_deserializer=kunserve_dot_rpc_dot_v1_dot_peer__pb2.PullKVRequest.FromString,
                     response_serializer=kunserve_dot_rpc_dot_v1_dot_tensor__pb2.TensorChunk.SerializeToString,
+            ),
+            'Forward': grpc.unary_unary_rpc_method_handler(
+                    servicer.Forward,
+                    request_deserializer=kunserve_dot_rpc_dot_v1_dot_peer__pb2.StageBatch.FromString,
+                    response_serializer=kunserve_dot_rpc_dot_v1_dot_peer__pb2.StageResult.SerializeToString,
+            ),
+            'RemoteAttention': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoteAttention,
+                    request_deserializer=kunserve_dot_rpc_dot_v1_dot_peer__pb2.RemoteAttentionRequest.FromString,
+                    response_serializer=kunserve_dot_rpc_dot_v1_dot_peer__pb2.RemoteAttentionResponse.SerializeToString,
+            ),
+            'ImportKV': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportKV,
+                    request_deserializer=kunserve_dot_rpc_dot_v1_dot_peer__pb2.ImportKVRequest.FromString,
+                    response_serializer=kunserve_dot_rpc_dot_v1_dot_peer__pb2.ImportKVResponse.SerializeToString,
+            ),
+            'Join': grpc.unary_unary_rpc_method_handler(
+                    servicer.Join,
+                    request_deserializer=kunserve_dot_rpc_dot_v1_dot_peer__pb2.JoinRequest.FromString,
+                    response_serializer=kunserve_dot_rpc_dot_v1_dot_peer__pb2.JoinResponse.SerializeToString,
+            ),
+            'Resume': grpc.unary_stream_rpc_method_handler(
+                    servicer.Resume,
+                    request_deserializer=kunserve_dot_rpc_dot_v1_dot_peer__pb2.ResumeRequest.FromString,
+                    response_serializer=kunserve_dot_rpc_dot_v1_dot_inference__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Reclaim': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reclaim,
+                    request_deserializer=kunserve_dot_rpc_dot_v1_dot_peer__pb2.ReclaimRequest.FromString,
+                    response_serializer=kunserve_dot_rpc_dot_v1_dot_peer__pb2.ReclaimResponse.SerializeToString,
+            ),
+            'Collect': grpc.unary_unary_rpc_method_handler(
+                    servicer.Collect,
+                    request_deserializer=kunserve_dot_rpc_dot_v1_dot_peer__pb2.CollectRequest.FromString,
+                    response_serializer=kunserve_dot_rpc_dot_v1_dot_peer__pb2.CollectResponse.SerializeToString,
+            ),
+            'Split': grpc.unary_unary_rpc_method_handler(
+                    servicer.Split,
+                    request_deserializer=kunserve_dot_rpc_dot_v1_dot_peer__pb2.SplitRequest.FromString,
+                    response_serializer=kunserve_dot_rpc_dot_v1_dot_peer__pb2.SplitResponse.SerializeToString,
+            ),
+            'Disband': grpc.unary_unary_rpc_method_handler(
+                    servicer.Disband,
+                    request_deserializer=kunserve_dot_rpc_dot_v1_dot_peer__pb2.DisbandRequest.FromString,
+                    response_serializer=kunserve_dot_rpc_dot_v1_dot_peer__pb2.DisbandResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -142,6 +312,249 @@ class Peer:
             '/kunserve.rpc.v1.Peer/PullKV',
             kunserve_dot_rpc_dot_v1_dot_peer__pb2.PullKVRequest.SerializeToString,
             kunserve_dot_rpc_dot_v1_dot_tensor__pb2.TensorChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Forward(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kunserve.rpc.v1.Peer/Forward',
+            kunserve_dot_rpc_dot_v1_dot_peer__pb2.StageBatch.SerializeToString,
+            kunserve_dot_rpc_dot_v1_dot_peer__pb2.StageResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoteAttention(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kunserve.rpc.v1.Peer/RemoteAttention',
+            kunserve_dot_rpc_dot_v1_dot_peer__pb2.RemoteAttentionRequest.SerializeToString,
+            kunserve_dot_rpc_dot_v1_dot_peer__pb2.RemoteAttentionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportKV(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kunserve.rpc.v1.Peer/ImportKV',
+            kunserve_dot_rpc_dot_v1_dot_peer__pb2.ImportKVRequest.SerializeToString,
+            kunserve_dot_rpc_dot_v1_dot_peer__pb2.ImportKVResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Join(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kunserve.rpc.v1.Peer/Join',
+            kunserve_dot_rpc_dot_v1_dot_peer__pb2.JoinRequest.SerializeToString,
+            kunserve_dot_rpc_dot_v1_dot_peer__pb2.JoinResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Resume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kunserve.rpc.v1.Peer/Resume',
+            kunserve_dot_rpc_dot_v1_dot_peer__pb2.ResumeRequest.SerializeToString,
+            kunserve_dot_rpc_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reclaim(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kunserve.rpc.v1.Peer/Reclaim',
+            kunserve_dot_rpc_dot_v1_dot_peer__pb2.ReclaimRequest.SerializeToString,
+            kunserve_dot_rpc_dot_v1_dot_peer__pb2.ReclaimResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Collect(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kunserve.rpc.v1.Peer/Collect',
+            kunserve_dot_rpc_dot_v1_dot_peer__pb2.CollectRequest.SerializeToString,
+            kunserve_dot_rpc_dot_v1_dot_peer__pb2.CollectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Split(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kunserve.rpc.v1.Peer/Split',
+            kunserve_dot_rpc_dot_v1_dot_peer__pb2.SplitRequest.SerializeToString,
+            kunserve_dot_rpc_dot_v1_dot_peer__pb2.SplitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Disband(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kunserve.rpc.v1.Peer/Disband',
+            kunserve_dot_rpc_dot_v1_dot_peer__pb2.DisbandRequest.SerializeToString,
+            kunserve_dot_rpc_dot_v1_dot_peer__pb2.DisbandResponse.FromString,
             options,
             channel_credentials,
             insecure,
