@@ -49,6 +49,7 @@ def start_agent(model_dir: Path, workdir: Path, *extra: str, timeout: float = 60
     """Launch an agent with free ports and wait (bounded) until it reports ready."""
     workdir.mkdir(parents=True, exist_ok=True)
     ready = workdir / "ready.json"
+    ready.unlink(missing_ok=True)  # a ready file of an earlier run names stale ports
     log_path = workdir / "agent.log"
     cmd = [sys.executable, "-c", "import sys; from kunserve.cli import main; sys.exit(main(sys.argv[1:]))",
            "agent", "--model", str(model_dir), "--port", "0", "--metrics-port", "0", "--threads", "1",

@@ -58,6 +58,10 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "gpu-memory-utilization": (float, 0.9, "fraction of free CUDA memory for the budget"),
     "seed": (int, None, "sampler seed for requests without one"),
     "ready-file": (str, None, "write {grpc_port, metrics_port, agent_id, pid} here (JSON) once serving"),
+    "advertise-host": (str, None, "host peers reach this agent at (default: --host)"),
+    "pipeline-depth": (int, 2, "micro-batches in flight while leading a cooperative group"),
+    "kv-exchange-layers": (int, 1, "layers of one request moved per KV exchange step (the bound per step)"),
+    "rpc-timeout": (float, 30.0, "deadline in seconds of every call between agents"),
 }
 
 
@@ -111,6 +115,7 @@ async def _serve(s: dict[str, Any]) -> int:
     from kunserve.agent.engine.llm_engine import LLMEngine
     from kunserve.agent.engine_loop import EngineLoop
     from kunserve.agent.errors import KunServeError
+    from kunserve.agent.member import Member
     from kunserve.agent.metrics import AgentMetrics
     from kunserve.agent.peer import PeerServicer
     from kunserve.agent.service import AgentServicer, InferenceServicer
@@ -138,15 +143,20 @@ async def _serve(s: dict[str, Any]) -> int:
         ("grpc.http2.max_ping_strikes", 0),
     ]
     server = grpc.aio.server(options=grpc_channel_options() + keepalive)
-    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(loop), server)
-    agent_servicer = AgentServicer(loop, s["agent-id"], s["model-name"])
-    agent_pb2_grpc.add_AgentServicer_to_server(agent_servicer, server)
-    peer_pb2_grpc.add_PeerServicer_to_server(PeerServicer(loop), server)
     port = server.add_insecure_port(f"{s['host']}:{s['port']}")
     if port == 0:
         print(f"kunserve agent: cannot bind {s['host']}:{s['port']}", file=sys.stderr)
         loop.stop()
         return 1
+    endpoint = f"{s['advertise-host'] or s['host']}:{port}"
+    member = Member(loop, s["agent-id"], endpoint, rpc_timeout_s=s["rpc-timeout"], depth=s["pipeline-depth"],
+                    exchange_layers=s["kv-exchange-layers"])
+    member.aio_loop = asyncio.get_running_loop()
+    metrics.follow(member)
+    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(loop, member), server)
+    agent_servicer = AgentServicer(loop, s["agent-id"], s["model-name"], member)
+    agent_pb2_grpc.add_AgentServicer_to_server(agent_servicer, server)
+    peer_pb2_grpc.add_PeerServicer_to_server(PeerServicer(loop, member), server)
     await server.start()
     metrics_port = -1
     if s["metrics-port"] >= 0:

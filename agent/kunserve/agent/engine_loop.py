@@ -22,6 +22,7 @@ from kunserve.agent.engine.llm_engine import LLMEngine
 from kunserve.agent.engine.output import RequestOutput
 from kunserve.agent.engine.sequence import SamplingParams
 from kunserve.agent.errors import KunServeError
+from kunserve.agent.group import GroupLeader, GroupLostError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -31,7 +32,19 @@ class EngineStoppedError(KunServeError):
     """The engine loop is not running (not started, stopping, or died); retryable elsewhere."""
 
 
-Sink = Callable[[RequestOutput | EngineStoppedError], object]
+class GroupFailedError(EngineStoppedError):
+    """The request's cooperative group lost a member; retryable on another replica."""
+
+
+class HandedBack:
+    """Sink item: the request left this agent's group pipeline and goes on at its owner (a group split)."""
+
+
+HANDED_BACK = HandedBack()
+
+# A sink receives RequestOutput from the engine, or (on a member relaying a request its group's leader
+# computes) the leader's GenerateResponse messages as they are, HANDED_BACK, or an EngineStoppedError.
+Sink = Callable[[object], object]
 
 
 @dataclass(slots=True)
@@ -55,6 +68,10 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._stopping = threading.Event()
         self.error: BaseException | None = None
+        # What the loop steps: the engine (a replica), a GroupLeader (stage 0 of a group), or None (paused:
+        # a later stage, or a reconfiguration in progress). Changed only on the engine thread.
+        self.driver: LLMEngine | GroupLeader | None = engine
+        self.on_group_lost: Callable[[GroupLostError], None] | None = None
 
     # ---- called from any thread ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -70,11 +87,20 @@ class EngineLoop:
     def running(self) -> bool:
         return self._thread.is_alive() and not self._stopping.is_set()
 
-    def submit(self, prompt: str | list[int], params: SamplingParams, request_id: str, sink: Sink) -> Future[str]:
-        """Queue a request; the future fails with InvalidRequestError for bad input."""
+    def submit(self, prompt: str | list[int], params: SamplingParams, request_id: str, sink: Sink,
+               owner: str = "") -> Future[str]:
+        """Queue a request; the future fails with InvalidRequestError for bad input (EngineStoppedError
+        while the agent is not serving on its own, e.g. a later stage of a group)."""
 
         def add() -> str:
-            rid = self.engine.add_request(prompt, params, request_id)
+            driver = self.driver
+            if isinstance(driver, GroupLeader):
+                rid = driver.add_request(prompt, params, request_id, owner)
+            elif driver is None:
+                raise EngineStoppedError("this agent is not taking requests right now (a stage of a group, or "
+                                         "reconfiguring); send it to the group's leader")
+            else:
+                rid = driver.add_request(prompt, params, request_id)
             self._tracked[rid] = _Tracked(sink)
             return rid
 
@@ -82,7 +108,34 @@ class EngineLoop:
 
     def abort(self, request_id: str) -> Future[bool]:
         """Abort a request; its sink then gets a final ABORT output. True if it was running."""
-        return self.call(lambda: self.engine.abort_request(request_id))
+
+        def run() -> bool:
+            driver = self.driver
+            if isinstance(driver, GroupLeader):
+                return driver.abort(request_id)
+            return self.engine.abort_request(request_id)
+
+        return self.call(run)
+
+    # ---- on the engine thread (inside call()) --------------------------------------------------------------
+    def track(self, request_id: str, sink: Sink) -> None:
+        """Deliver this request's outputs to sink (a request adopted or relayed rather than submitted)."""
+        self._tracked[request_id] = _Tracked(sink)
+
+    def untrack(self, request_id: str) -> Sink | None:
+        tracked = self._tracked.pop(request_id, None)
+        return None if tracked is None else tracked.sink
+
+    def sink_of(self, request_id: str) -> Sink | None:
+        tracked = self._tracked.get(request_id)
+        return None if tracked is None else tracked.sink
+
+    def fail_tracked(self, error: EngineStoppedError, request_ids: list[str] | None = None) -> int:
+        """Fail these (default: every) followed requests with a retryable error; returns how many."""
+        ids = list(self._tracked) if request_ids is None else [r for r in request_ids if r in self._tracked]
+        for rid in ids:
+            self._tracked.pop(rid).sink(type(error)(f"request {rid}: {error}"))
+        return len(ids)
 
     def call(self, fn: Callable[[], T]) -> Future[T]:
         """Run fn on the engine thread between steps; its result or exception lands in the future."""
@@ -99,8 +152,12 @@ class EngineLoop:
         try:
             while not self._stopping.is_set():
                 self._drain_commands()
-                if self.engine.has_unfinished_requests():
-                    self._dispatch(self.engine.step())
+                driver = self.driver
+                if driver is not None and driver.has_unfinished_requests():
+                    try:
+                        self._dispatch(driver.step())
+                    except GroupLostError as exc:
+                        self._group_lost(exc)
                 else:
                     self._wake.wait(self._idle_wait_s)
                     self._wake.clear()
@@ -122,6 +179,13 @@ class EngineLoop:
                     fut.set_result(fn())
                 except Exception as exc:  # handed to the caller (e.g. InvalidRequestError), not raised here
                     fut.set_exception(exc)
+
+    def _group_lost(self, exc: GroupLostError) -> None:
+        log.error("%s", exc)
+        self.driver = None
+        self.fail_tracked(GroupFailedError(str(exc)))
+        if self.on_group_lost is not None:
+            self.on_group_lost(exc)
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         now = time.monotonic()

@@ -79,13 +79,9 @@ class LayerStore:
         self._grown.append(new_blocks)
         return DropResult((start, end), freed, new_blocks, block_bytes, time.perf_counter() - t0)
 
-    def restore(self, source: WeightSource | None = None) -> RestoreResult:
-        """Give back the blocks the drops added and reload every missing weight from `source` (default:
-        the local checkpoint; a PeerWeightSource pulls them from an agent that holds them)."""
-        t0 = time.perf_counter()
+    def missing_weight_names(self) -> list[str]:
+        """State-dict names of every weight a full model has and this agent does not hold now."""
         engine, model, cfg = self.engine, self.engine.model, self.engine.model_config
-        if (model.start, model.end) == (0, self.num_layers):
-            raise LayerStoreError("nothing to restore: every layer is held")
         missing = [i for i in range(self.num_layers) if str(i) not in model.layers]
         names = [f"layers.{i}.{p}" for i in missing for p in _layer_param_names(engine)]
         tied = cfg.tie_word_embeddings
@@ -95,8 +91,17 @@ class LayerStore:
             names.append("norm.weight")
         if model.lm_head is None and not (tied and model.embed_tokens is not None):
             names.append("lm_head.weight")
+        return names
+
+    def restore(self, source: WeightSource | None = None) -> RestoreResult:
+        """Give back the blocks the drops added and reload every missing weight from `source` (default:
+        the local checkpoint; a PeerWeightSource pulls them from an agent that holds them)."""
+        t0 = time.perf_counter()
+        engine, model = self.engine, self.engine.model
+        if (model.start, model.end) == (0, self.num_layers):
+            raise LayerStoreError("nothing to restore: every layer is held")
         # Read first (host memory), so a source that fails leaves the agent exactly as it was.
-        weights = (source or engine.checkpoint).read_weights(names)
+        weights = (source or engine.checkpoint).read_weights(self.missing_weight_names())
         removed = sum(self._grown)
         if removed:
             try:
@@ -104,6 +109,15 @@ class LayerStore:
             except PoolError as exc:
                 raise LayerStoreError(f"cannot restore yet: {exc}") from exc
         self._grown.clear()
+        loaded = self.install(weights)
+        engine.kv_cache.set_held_layers(list(range(self.num_layers)))
+        return RestoreResult((0, self.num_layers), loaded, removed, time.perf_counter() - t0)
+
+    def install(self, weights: dict[str, torch.Tensor]) -> int:
+        """Put back every missing layer (and embedding / norm / head) from `weights` (missing_weight_names);
+        the KV pool is the caller's business. Returns the weight bytes added."""
+        engine, model, cfg = self.engine, self.engine.model, self.engine.model_config
+        missing = [i for i in range(self.num_layers) if str(i) not in model.layers]
         before = weight_bytes(model)
         layers = {int(i): layer for i, layer in model.layers.items()}
         for i in missing:
@@ -111,10 +125,10 @@ class LayerStore:
         model.set_layers(layers)  # type: ignore[arg-type]
         self._rebuild_ends()
         copy_weights(model, weights, engine.checkpoint.dir)
-        engine.kv_cache.set_held_layers(list(range(self.num_layers)))
         loaded = weight_bytes(model) - before
         engine.weight_bytes += loaded
-        return RestoreResult((0, self.num_layers), loaded, removed, time.perf_counter() - t0)
+        self._grown.clear()
+        return loaded
 
     def _rebuild_ends(self) -> None:
         """Recreate the embedding, final norm and LM head where missing (tied heads share the embedding);

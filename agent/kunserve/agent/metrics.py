@@ -6,10 +6,18 @@ HTTP thread); histograms and counters are fed from the engine thread as outputs 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from kunserve.agent.engine.llm_engine import LLMEngine
 from kunserve.agent.engine.output import RequestOutput
+
+if TYPE_CHECKING:
+    from kunserve.agent.member import Member
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
                     10.0, 20.0, 40.0, 80.0)
@@ -20,7 +28,36 @@ class AgentMetrics:
     def __init__(self, engine: LLMEngine, model_name: str, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r, labels = self.registry, {"model_name": model_name}
-        sched, bm = engine.scheduler, engine.block_manager
+        self.engine = engine
+        # The scheduler and pool are replaced when a group forms or splits: read them through the engine.
+
+        class _Live:
+            @property
+            def running(self) -> list[object]:
+                return engine.scheduler.running  # type: ignore[return-value]
+
+            @property
+            def waiting(self) -> list[object]:
+                return list(engine.scheduler.waiting)
+
+            @property
+            def num_preemptions(self) -> int:
+                return engine.scheduler.num_preemptions
+
+        class _Pool:
+            @property
+            def num_blocks(self) -> int:
+                return engine.block_manager.num_blocks
+
+            @property
+            def num_free_blocks(self) -> int:
+                return engine.block_manager.num_free_blocks
+
+            @property
+            def num_used_blocks(self) -> int:
+                return engine.block_manager.num_used_blocks
+
+        sched, bm = _Live(), _Pool()
 
         def gauge(name: str, doc: str) -> Gauge:
             return Gauge(name, doc, list(labels), registry=r)
@@ -38,14 +75,20 @@ class AgentMetrics:
               ).labels(**labels).set_function(lambda: bm.num_blocks)
         gauge("kunserve_kv_blocks_free", "KV blocks not held by any request.").labels(**labels).set_function(
             lambda: bm.num_free_blocks)
-        gauge("kunserve_kv_block_bytes", "Bytes of one KV block.").labels(**labels).set(engine.kv_cache.block_bytes)
+        gauge("kunserve_kv_block_bytes", "Bytes of one KV block.").labels(**labels).set_function(
+            lambda: engine.kv_cache.block_bytes)
         gauge("kunserve_weight_bytes", "Bytes of resident model weights.").labels(**labels).set_function(
             lambda: engine.weight_bytes)
         gauge("kunserve_layers_held", "Decoder layers this agent holds.").labels(**labels).set_function(
             lambda: len(engine.model.layers))
         gauge("kunserve_layers_dropped", "Decoder layers of the model this agent does not hold.").labels(
             **labels).set_function(lambda: engine.model_config.num_hidden_layers - len(engine.model.layers))
-        gauge("kunserve_group_epoch", "Topology epoch this agent last committed.").labels(**labels).set(0)
+        self._drop = Histogram("kunserve_drop_latency_seconds", "Drop latency: commit to the new KV blocks usable.",
+                               list(labels), buckets=_LATENCY_BUCKETS, registry=r).labels(**labels)
+        self._restore = Histogram("kunserve_restore_duration_seconds",
+                                  "Restore duration on this agent: weights loaded, pool rebuilt, KV back.",
+                                  list(labels), buckets=_LATENCY_BUCKETS, registry=r).labels(**labels)
+        self._seen: tuple[float | None, float | None] = (None, None)
         preempt = Counter("vllm:num_preemptions", "Requests preempted (recomputed).", list(labels), registry=r)
         preempt.labels(**labels)
         self._preemptions_seen = 0
@@ -65,6 +108,19 @@ class AgentMetrics:
                                 ["model_name", "finished_reason"], registry=r)
         self._model_name = model_name
         self._arrival: dict[str, float] = {}
+
+    def follow(self, member: Member) -> None:
+        """Export the agent's group state (epoch, role, remote attention, KV exchange, drop/restore)."""
+        member.on_change = self._member_changed
+        self.registry.register(_GroupCollector(member, self._model_name))
+
+    def _member_changed(self, member: Member) -> None:
+        drop, restore = member.last_drop_s, member.last_restore_s
+        if drop is not None and drop != self._seen[0]:
+            self._drop.observe(drop)
+        if restore is not None and restore != self._seen[1]:
+            self._restore.observe(restore)
+        self._seen = (drop, restore)
 
     def observe(self, request_id: str, out: RequestOutput, since_previous_s: float) -> None:
         """Called on the engine thread for every output."""
@@ -87,3 +143,30 @@ class AgentMetrics:
         if delta > 0:
             self._preempt.inc(delta)
             self._preemptions_seen += delta
+
+
+class _GroupCollector(Collector):
+    """Group series read from the member at scrape time."""
+
+    def __init__(self, member: Member, model_name: str) -> None:
+        self.member, self.model_name = member, model_name
+
+    def collect(self) -> Iterator[Metric]:
+        m, labels = self.member, ["model_name"]
+        epoch = GaugeMetricFamily("kunserve_group_epoch", "Topology epoch this agent last committed.", labels=labels)
+        epoch.add_metric([self.model_name], m.epoch)
+        yield epoch
+        role = GaugeMetricFamily("kunserve_group_role", "1 for the agent's current role (replica, leader, stage).",
+                                 labels=[*labels, "role"])
+        for name in ("replica", "leader", "stage"):
+            role.add_metric([self.model_name, name], 1.0 if m.role.name.lower() == name else 0.0)
+        yield role
+        calls = CounterMetricFamily("kunserve_remote_attention_calls", "Remote attention calls, made and served.",
+                                    labels=[*labels, "side"])
+        calls.add_metric([self.model_name, "made"], m.remote_attention_calls)
+        calls.add_metric([self.model_name, "served"], m.remote_attention_served)
+        yield calls
+        kv = CounterMetricFamily("kunserve_kv_exchange_bytes", "KV bytes received by the KV exchange and restores.",
+                                 labels=labels)
+        kv.add_metric([self.model_name], m.kv_bytes_in)
+        yield kv

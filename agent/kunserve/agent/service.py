@@ -10,14 +10,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import grpc
 
 from kunserve.agent.engine.output import Pressure, RequestOutput
 from kunserve.agent.engine.sequence import FinishReason, SamplingParams
-from kunserve.agent.engine_loop import EngineLoop, EngineStoppedError
+from kunserve.agent.engine_loop import EngineLoop, EngineStoppedError, HandedBack
 from kunserve.agent.errors import InvalidRequestError
 from kunserve.rpc.v1 import agent_pb2, agent_pb2_grpc, inference_pb2, inference_pb2_grpc
+
+if TYPE_CHECKING:
+    from kunserve.agent.member import Member
 
 _FINISH = {
     None: inference_pb2.FINISH_REASON_UNSPECIFIED,
@@ -56,17 +60,20 @@ def output_to_proto(out: RequestOutput, first: bool) -> inference_pb2.GenerateRe
     return msg
 
 
-def pressure_to_proto(agent_id: str, p: Pressure, epoch: int, preemptions: int) -> agent_pb2.Pressure:
+def pressure_to_proto(agent_id: str, p: Pressure, epoch: int, preemptions: int, role: int = agent_pb2.ROLE_REPLICA,
+                      home_blocks_needed: int | None = None) -> agent_pb2.Pressure:
     return agent_pb2.Pressure(
         agent_id=agent_id, blocks_needed=p.blocks_needed, blocks_total=p.blocks_total, blocks_free=p.blocks_free,
         num_waiting=p.num_waiting, num_running=p.num_running, demand=p.demand, timestamp=p.timestamp,
-        epoch=epoch, num_preemptions=preemptions,
+        epoch=epoch, num_preemptions=preemptions, role=role,  # type: ignore[arg-type]
+        home_blocks_needed=p.blocks_needed if home_blocks_needed is None else home_blocks_needed,
     )
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, loop: EngineLoop) -> None:
+    def __init__(self, loop: EngineLoop, member: Member | None = None) -> None:
         self.loop = loop
+        self.member = member
 
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -77,13 +84,22 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         prompt: str | list[int] = request.text if which == "text" else list(request.token_ids.ids)
         if which is None or not prompt:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a non-empty prompt (text or token_ids) is required")
-        outputs: asyncio.Queue[RequestOutput | EngineStoppedError] = asyncio.Queue()
+        outputs: asyncio.Queue[object] = asyncio.Queue()
         aio_loop = asyncio.get_running_loop()
+
+        def sink(item: object) -> None:
+            aio_loop.call_soon_threadsafe(outputs.put_nowait, item)
+
+        relayed = False
         try:
             params = sampling_from_proto(request.sampling)
-            await asyncio.wrap_future(self.loop.submit(
-                prompt, params, request.request_id,
-                lambda out: aio_loop.call_soon_threadsafe(outputs.put_nowait, out)))
+            params.validate()
+            member = self.member
+            if member is not None and member.role.name == "STAGE":
+                relayed = True  # the group's leader computes it; this agent keeps the stream
+                await member.relay_new(request, sink)
+            else:
+                await asyncio.wrap_future(self.loop.submit(prompt, params, request.request_id, sink, request.owner))
         except InvalidRequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except EngineStoppedError as exc:
@@ -95,6 +111,21 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 if isinstance(out, EngineStoppedError):
                     await context.abort(grpc.StatusCode.UNAVAILABLE, str(out))
                     return
+                if isinstance(out, HandedBack):  # the group split: the request goes on at its owner
+                    if request.owner:
+                        finished = True
+                        yield inference_pb2.GenerateResponse(request_id=request.request_id, handed_back=True)
+                    continue
+                if isinstance(out, inference_pb2.GenerateResponse):  # relayed from the group's leader
+                    if out.handed_back:
+                        continue
+                    finished = out.finish_reason != inference_pb2.FINISH_REASON_UNSPECIFIED
+                    if not first:
+                        out.ttft_s = 0.0  # the client had its first token already
+                    first = first and not out.token_ids
+                    yield out
+                    continue
+                assert isinstance(out, RequestOutput)
                 finished = out.finished
                 if out.new_token_ids or finished:
                     yield output_to_proto(out, first and bool(out.new_token_ids))
@@ -102,6 +133,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         finally:
             if not finished:  # the client went away: free the request's blocks
                 self.loop.abort(request.request_id)
+                if self.member is not None and (relayed or self.member.role.name == "STAGE"):
+                    await self.member.abort_relayed(request.request_id)
 
     async def Abort(
         self, request: inference_pb2.AbortRequest, context: grpc.aio.ServicerContext
@@ -116,12 +149,19 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
 
 class AgentServicer(agent_pb2_grpc.AgentServicer):
-    def __init__(self, loop: EngineLoop, agent_id: str, model_name: str) -> None:
+    def __init__(self, loop: EngineLoop, agent_id: str, model_name: str, member: Member | None = None) -> None:
         self.loop = loop
         self.agent_id = agent_id
         self.model_name = model_name
-        self.epoch = 0
+        self.member = member
         self._closing = asyncio.Event()
+
+    @property
+    def epoch(self) -> int:
+        return self.member.epoch if self.member is not None else 0
+
+    def _role(self) -> int:
+        return self.member.role.value if self.member is not None else agent_pb2.ROLE_REPLICA
 
     def close(self) -> None:
         """End every pressure stream (the agent is stopping)."""
@@ -129,13 +169,22 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
 
     def _status(self) -> agent_pb2.StatusResponse:
         e = self.loop.engine  # runs on the engine thread
-        return agent_pb2.StatusResponse(
+        msg = agent_pb2.StatusResponse(
             agent_id=self.agent_id, model=self.model_name, num_layers=e.model_config.num_hidden_layers,
             layer_start=e.model.start, layer_end=e.model.end, block_size=e.config.block_size,
             kv_blocks_total=e.block_manager.num_blocks, kv_blocks_free=e.block_manager.num_free_blocks,
             kv_block_bytes=e.kv_cache.block_bytes, weight_bytes=e.weight_bytes,
-            memory_budget_bytes=e.budget_bytes, epoch=self.epoch, role=agent_pb2.ROLE_REPLICA, device=str(e.device),
+            memory_budget_bytes=e.budget_bytes, epoch=self.epoch, role=self._role(),  # type: ignore[arg-type]
+            device=str(e.device),
         )
+        m = self.member
+        if m is not None:
+            from kunserve.agent.member import stages_to_proto
+
+            if m.stages:
+                msg.group.CopyFrom(stages_to_proto(m.stages))
+            msg.prepared_epoch = m.prepared.epoch if m.prepared is not None else 0
+        return msg
 
     async def Status(
         self, request: agent_pb2.StatusRequest, context: grpc.aio.ServicerContext
@@ -153,10 +202,46 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         engine = self.loop.engine
         while not self._closing.is_set():
             try:
-                p = await asyncio.wrap_future(self.loop.call(engine.pressure))
+                p = await asyncio.wrap_future(self.loop.call(lambda: self.loop.engine.pressure()))
             except EngineStoppedError as exc:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
                 return
-            yield pressure_to_proto(self.agent_id, p, self.epoch, engine.scheduler.num_preemptions)
+            yield pressure_to_proto(self.agent_id, p, self.epoch, engine.scheduler.num_preemptions, self._role(),
+                                    await self._home_blocks())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._closing.wait(), interval)
+
+    async def _home_blocks(self) -> int | None:
+        m = self.member
+        if m is None or m.leader is None:
+            return None
+        leader = m.leader
+        try:
+            return await asyncio.wrap_future(self.loop.call(lambda: leader.home_blocks_needed(self.agent_id)))
+        except EngineStoppedError:
+            return None
+
+    async def Prepare(self, request: agent_pb2.PrepareRequest, context: grpc.aio.ServicerContext
+                      ) -> agent_pb2.PrepareResponse:
+        return await self._reconfigure(context, lambda m: m.prepare(request))
+
+    async def Commit(self, request: agent_pb2.CommitRequest, context: grpc.aio.ServicerContext
+                     ) -> agent_pb2.CommitResponse:
+        return await self._reconfigure(context, lambda m: m.commit(request.epoch))
+
+    async def Abort(self, request: agent_pb2.AbortReconfigurationRequest, context: grpc.aio.ServicerContext
+                    ) -> agent_pb2.AbortReconfigurationResponse:
+        was = self.member.abort(request.epoch) if self.member is not None else False
+        return agent_pb2.AbortReconfigurationResponse(was_prepared=was)
+
+    async def _reconfigure(self, context: grpc.aio.ServicerContext, fn):  # type: ignore[no-untyped-def]
+        from kunserve.agent.member import ReconfigurationError
+
+        if self.member is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this agent runs without reconfiguration")
+        try:
+            return await fn(self.member)
+        except ReconfigurationError as exc:
+            await context.abort(exc.code, str(exc))
+        except EngineStoppedError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))

@@ -7,12 +7,16 @@ reads the whole context (earlier tokens and this step's) from the cache.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from kunserve.agent.engine.kv_cache import KVCache
+
+# (layer, q [N, H, D], k [N, KVH, D], v [N, KVH, D]) -> attention output [N, H, D]; stores k/v first.
+AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(slots=True)
@@ -31,6 +35,81 @@ class AttentionMetadata:
     decode_slots: torch.Tensor  # [D, T_max] int64 context slots per decode (padding points at slot 0)
     decode_bias: torch.Tensor  # [D, 1, 1, T_max] float, 0 where valid and -inf on padding
     prefills: list[PrefillChunk]
+
+
+@dataclass(slots=True, frozen=True)
+class SeqSpan:
+    """The positions one request computes in a step, and its blocks on this agent."""
+
+    block_table: list[int]
+    start: int  # first position computed
+    num_tokens: int  # positions [start, start + num_tokens)
+
+
+def build_metadata(
+    spans: list[SeqSpan], block_size: int, device: torch.device, dtype: torch.dtype
+) -> AttentionMetadata:
+    """Metadata for rows laid out span after span (decodes, num_tokens == 1, must come first)."""
+    positions: list[int] = []
+    slots: list[int] = []
+    decodes: list[SeqSpan] = []
+    prefills: list[PrefillChunk] = []
+    for span in spans:
+        start, n, table = span.start, span.num_tokens, span.block_table
+        row = len(positions)
+        positions.extend(range(start, start + n))
+        slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, start + n))
+        if n == 1 and not prefills:
+            decodes.append(span)
+            continue
+        ctx = start + n
+        ctx_slots = context_slots([table], torch.tensor([ctx]), ctx, block_size)[0]  # [T]
+        q_pos = torch.arange(start, ctx).unsqueeze(1)  # [Lq, 1]
+        mask = torch.arange(ctx).unsqueeze(0) <= q_pos  # [Lq, T] causal
+        prefills.append(PrefillChunk(row, row + n, ctx_slots.to(device), mask.to(device)))
+    d = len(decodes)
+    if d:
+        ctx_lens = torch.tensor([s.start + 1 for s in decodes])
+        t_max = int(ctx_lens.max())
+        decode_slots = context_slots([s.block_table for s in decodes], ctx_lens, t_max, block_size)
+        valid = torch.arange(t_max).unsqueeze(0) < ctx_lens.unsqueeze(1)  # [D, T]
+        bias = torch.zeros(d, 1, 1, t_max, dtype=dtype)
+        bias.masked_fill_(~valid.view(d, 1, 1, t_max), float("-inf"))
+    else:
+        decode_slots = torch.zeros(0, 0, dtype=torch.int64)
+        bias = torch.zeros(0, 1, 1, 0, dtype=dtype)
+    return AttentionMetadata(
+        positions=torch.tensor(positions, dtype=torch.int64, device=device),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        num_decodes=d,
+        decode_slots=decode_slots.to(device),
+        decode_bias=bias.to(device),
+        prefills=prefills,
+    )
+
+
+def context_slots(tables: list[list[int]], ctx_lens: torch.Tensor, t_max: int, block_size: int) -> torch.Tensor:
+    """Flat slots [len(tables), t_max] of positions 0..t_max-1 (positions past a table read slot 0)."""
+    width = max(1, -(-t_max // block_size))
+    padded = torch.zeros(len(tables), width, dtype=torch.int64)
+    for i, table in enumerate(tables):
+        padded[i, : len(table[:width])] = torch.tensor(table[:width], dtype=torch.int64)
+    pos = torch.arange(t_max)
+    slots = padded[:, pos // block_size] * block_size + pos % block_size  # [B, T]
+    slots.masked_fill_(pos.unsqueeze(0) >= ctx_lens.unsqueeze(1), 0)
+    return slots
+
+
+class LocalAttention:
+    """Attention over this agent's own pages: append the rows' k/v, then attend over the whole context."""
+
+    def __init__(self, meta: AttentionMetadata, cache: KVCache) -> None:
+        self.meta, self.cache = meta, cache
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # q: [N, H, D]; k, v: [N, KVH, D] -> [N, H, D]
+        self.cache.write(layer, self.meta.slot_mapping, k, v)
+        return paged_attention(q, layer, self.meta, self.cache)
 
 
 def paged_attention(q: torch.Tensor, layer: int, meta: AttentionMetadata, cache: KVCache) -> torch.Tensor:

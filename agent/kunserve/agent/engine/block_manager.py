@@ -55,6 +55,15 @@ class BlockManager:
             heapq.heappush(self._free, block)
         block_table.clear()
 
+    def mark_used(self, blocks: list[int]) -> None:
+        """Take these specific free blocks (a group leader mirroring a member's pool as it was handed over)."""
+        taken = set(blocks)
+        if len(taken) != len(blocks) or any(b in self._used or not 0 <= b < self.num_blocks for b in taken):
+            raise PoolError(f"blocks {sorted(blocks)} are not all free, distinct ids of this pool")
+        self._free = [b for b in self._free if b not in taken]
+        heapq.heapify(self._free)
+        self._used |= taken
+
     def grow(self, n: int) -> range:
         """Add n new blocks with the next ids; live blocks keep their ids."""
         if n <= 0:

@@ -61,8 +61,36 @@ class KVCache:
         first = self.num_blocks
         shape = (2, n, self.block_size, self.num_kv_heads, self.head_dim)
         slabs = {layer: torch.zeros(shape, dtype=self.dtype, device=self.device) for layer in self.layer_ids}
-        self.segments.append(_Segment(first, n, slabs))
+        # A new list, not an append: threads serving remote attention may be iterating the old one.
+        self.segments = [*self.segments, _Segment(first, n, slabs)]
         return range(first, first + n)
+
+    def reclaim_dropped(self) -> int:
+        """Reuse the pages of layers no longer held as blocks of the held layers, without copying: every
+        `len(layer_ids)` spare slabs of a segment become one new segment of the same size. Call it only
+        once no request's KV is left in those slabs. Spare slabs that do not fill a segment are freed and
+        their bytes added as fresh blocks. Returns the blocks added (ids follow the current last one)."""
+        held = len(self.layer_ids)
+        first = self.num_blocks
+        new: list[_Segment] = []
+        leftover = 0
+        for seg in self.segments:
+            spare = [layer for layer in seg.slabs if layer not in self.layer_ids]
+            if not spare:
+                continue
+            while len(spare) >= held:
+                take, spare = spare[:held], spare[held:]
+                slabs = {layer: seg.slabs.pop(old) for layer, old in zip(self.layer_ids, take, strict=True)}
+                new.append(_Segment(first, seg.num_blocks, slabs))
+                first += seg.num_blocks
+            for old in spare:
+                leftover += seg.slabs.pop(old).nbytes
+        self.segments = [*self.segments, *new]
+        added = sum(s.num_blocks for s in new)
+        extra = leftover // self.block_bytes if self.block_bytes else 0
+        if extra:
+            self.add_blocks(extra)
+        return added + extra
 
     def remove_tail_blocks(self, n: int) -> None:
         """Drop the last n blocks; n must cover whole tail segments (the ones added by grows)."""
@@ -74,7 +102,7 @@ class KVCache:
         if remaining != 0 or cut == 0:
             sizes = [s.num_blocks for s in self.segments]
             raise PoolError(f"cannot shrink by {n} blocks: tail segments are {sizes} (whole segments only)")
-        del self.segments[cut:]
+        self.segments = self.segments[:cut]
 
     def holds(self, layer: int, blocks: list[int]) -> bool:
         """True when every one of these blocks has a slab for this layer."""

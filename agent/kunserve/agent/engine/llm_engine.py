@@ -60,6 +60,7 @@ class LLMEngine:
                 f"memory budget {self.budget_bytes} B leaves no KV blocks: weights {self.weight_bytes} B, "
                 f"reserve {self.reserve_bytes} B, one block {self.kv_cache.block_bytes} B"
             )
+        self.initial_num_blocks = num_blocks  # the pool of a replica holding its configured layers
         self.kv_cache.add_blocks(num_blocks)
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(config.scheduler_config(num_blocks), self.block_manager)
@@ -131,7 +132,7 @@ class LLMEngine:
 
     def context_limit(self) -> int:
         """Tokens one sequence may reach: the model's context, capped by what the pool can hold."""
-        return min(self.max_model_len, self.block_manager.num_blocks * self.config.block_size)
+        return min(self.max_model_len, self.scheduler.allocator.num_blocks * self.config.block_size)
 
     # ---- the loop -------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -185,6 +186,18 @@ class LLMEngine:
             num_running=len(self.scheduler.running),
             timestamp=time.time(),
         )
+
+    def reset_pool(self, num_blocks: int) -> None:
+        """A new, empty pool of num_blocks blocks for the layers held now (every request is forgotten: the
+        caller has moved their KV out first). Used when a group splits back into replicas."""
+        cfg = self.model_config
+        self._requests.clear()
+        self.kv_cache = KVCache(self.model.held_layers(), cfg.num_key_value_heads, cfg.head_dim,
+                                self.config.block_size, self.dtype, self.device)
+        self.kv_cache.add_blocks(num_blocks)
+        self.block_manager = BlockManager(num_blocks, self.config.block_size)
+        self.scheduler = Scheduler(self.scheduler.config, self.block_manager)
+        self.runner = ModelRunner(self.model, self.kv_cache)
 
     def grow_kv_pool(self, num_blocks: int) -> range:
         """Add num_blocks blocks in place (live blocks keep their ids and bytes)."""

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kunserve.agent.engine.kv_cache import KVCache
 from kunserve.agent.engine.llm_engine import LLMEngine
 from kunserve.agent.engine.output import RequestState
 from kunserve.agent.engine.sequence import SamplingParams, Sequence, SequenceStatus
@@ -25,6 +26,7 @@ class MigratedRequest:
     params: SamplingParams
     num_computed_tokens: int  # tokens whose KV is in `kv`
     kv: dict[int, torch.Tensor]  # layer -> [2 (k, v), num_computed_tokens, kv_heads, head_dim]
+    arrival_time: float | None = None  # time.monotonic() of its arrival (keeps TTFT honest across moves)
 
 
 def _slots(engine: LLMEngine, block_table: list[int], num_tokens: int) -> torch.Tensor:
@@ -32,6 +34,37 @@ def _slots(engine: LLMEngine, block_table: list[int], num_tokens: int) -> torch.
     positions = torch.arange(num_tokens)
     table = torch.tensor(block_table, dtype=torch.int64)
     return (table[positions // bs] * bs + positions % bs).to(engine.device)
+
+
+def table_slots(block_table: list[int], num_tokens: int, block_size: int, device: torch.device) -> torch.Tensor:
+    """Flat slots [num_tokens] of positions 0..num_tokens-1 in these blocks."""
+    if num_tokens > len(block_table) * block_size:
+        raise InvalidRequestError(f"{len(block_table)} blocks cannot hold {num_tokens} tokens")
+    positions = torch.arange(num_tokens)
+    table = torch.tensor(block_table, dtype=torch.int64)
+    return (table[positions // block_size] * block_size + positions % block_size).to(device)
+
+
+def read_kv_blocks(
+    cache: KVCache, block_table: list[int], num_tokens: int, layers: list[int]
+) -> dict[int, torch.Tensor]:
+    """KV of positions [0, num_tokens) in these blocks: {layer: [2 (k, v), tokens, kv_heads, head_dim]}."""
+    missing = [layer for layer in layers if not cache.holds(layer, block_table)]
+    if missing:
+        raise InvalidRequestError(f"no KV pages for layers {missing} in blocks {block_table}")
+    slots = table_slots(block_table, num_tokens, cache.block_size, cache.device)
+    return {layer: torch.stack(cache.gather(layer, slots)) for layer in layers}
+
+
+def write_kv_blocks(cache: KVCache, block_table: list[int], kv: dict[int, torch.Tensor]) -> int:
+    """Store {layer: [2, tokens, kv_heads, head_dim]} at positions [0, tokens) of these blocks; returns bytes."""
+    written = 0
+    for layer, t in kv.items():
+        t = t.to(device=cache.device, dtype=cache.dtype)
+        slots = table_slots(block_table, t.shape[1], cache.block_size, cache.device)
+        cache.write(layer, slots, t[0], t[1])
+        written += t.nbytes
+    return written
 
 
 def read_kv(engine: LLMEngine, request_id: str, layers: list[int]) -> dict[int, torch.Tensor]:
@@ -58,12 +91,20 @@ def adopt_request(engine: LLMEngine, moved: MigratedRequest) -> None:
     """Continue a request here: allocate blocks, write its KV, and schedule it as running."""
     if engine.has_request(moved.request_id):
         raise InvalidRequestError(f"request id {moved.request_id!r} is already running")
-    if sorted(moved.kv) != engine.model.held_layers():
+    if moved.num_computed_tokens and sorted(moved.kv) != engine.model.held_layers():
         raise InvalidRequestError(f"KV covers layers {sorted(moved.kv)}, this engine holds "
                                   f"{engine.model.held_layers()}")
     seq = Sequence(moved.request_id, moved.prompt_token_ids, moved.params,
                    token_ids=moved.prompt_token_ids + moved.output_token_ids)
+    if moved.arrival_time is not None:
+        seq.arrival_time = moved.arrival_time
     n = moved.num_computed_tokens
+    if n == 0:  # nothing computed (it was queued): it waits for admission here
+        seq.first_token_time = seq.arrival_time if moved.output_token_ids else None
+        state = RequestState(seq, engine.tokenizer, engine.eos_token_ids)
+        engine._requests[seq.request_id] = state
+        engine.scheduler.add(seq)
+        return
     assert 0 < n < seq.num_tokens, "a running request has computed all but its newest token"
     if not engine.block_manager.allocate_slots(seq.block_table, n):
         raise PoolError(f"no room for {engine.block_manager.blocks_for(n)} blocks of {moved.request_id!r}")

@@ -72,6 +72,7 @@ class Sequence:
     finish_reason: FinishReason | None = None
     first_token_time: float | None = None
     num_preemptions: int = 0
+    busy: bool = False  # in a pipeline micro-batch or a KV exchange: not schedulable until it is back
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kunserve.agent.engine.attention import AttentionMetadata, paged_attention
-from kunserve.agent.engine.kv_cache import KVCache
+from kunserve.agent.engine.attention import AttentionFn
 from kunserve.agent.model.config import ModelConfig, RopeScaling
 
 
@@ -119,9 +118,7 @@ class DecoderLayer(nn.Module):
         self.gate_up_proj = _linear(h, 2 * inter, False, dtype, device, input_major)
         self.down_proj = _linear(inter, h, False, dtype, device)
 
-    def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata, kv_cache: KVCache
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attention: AttentionFn) -> torch.Tensor:
         # x: [N, hidden] — every scheduled token of the step, flattened.
         n = x.shape[0]
         cos, sin = rope
@@ -130,8 +127,7 @@ class DecoderLayer(nn.Module):
         qk = apply_rope(qk.view(n, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin)  # q and k at once
         q, k = qk.split((self.num_heads, self.num_kv_heads), dim=1)
         v = v.view(n, self.num_kv_heads, self.head_dim)
-        kv_cache.write(self.layer_id, meta.slot_mapping, k, v)
-        attn = paged_attention(q, self.layer_id, meta, kv_cache)  # [N, H, D]
+        attn = attention(self.layer_id, q, k, v)  # [N, H, D]; k/v stored where this layer's KV lives
         x = x + self.o_proj(attn.reshape(n, self.q_size))
         gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
         return x + self.down_proj(F.silu(gate) * up)
@@ -173,14 +169,13 @@ class LlamaModel(nn.Module):
                 self.lm_head.weight = self.embed_tokens.weight
         self.rope = RotaryEmbedding(config, dtype, device)
 
-    def forward(
-        self, inputs: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache
-    ) -> torch.Tensor:
-        """inputs: token ids [N] on the first stage, else hidden states [N, hidden] -> hidden [N, hidden]."""
+    def forward(self, inputs: torch.Tensor, positions: torch.Tensor, attention: AttentionFn) -> torch.Tensor:
+        """inputs: token ids [N] on the first stage, else hidden states [N, hidden]; positions [N]
+        -> hidden [N, hidden]. `attention` stores each layer's k/v and attends (locally or remotely)."""
         x = self.embed_tokens(inputs) if self.embed_tokens is not None else inputs.to(self.dtype)
-        rope = self.rope(meta.positions)
+        rope = self.rope(positions)
         for layer in self.layers.values():
-            x = layer(x, rope, meta, kv_cache)
+            x = layer(x, rope, attention)
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
