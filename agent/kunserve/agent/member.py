@@ -245,6 +245,7 @@ class Member:
     async def _commit_drop(self, p: Prepared) -> list[agent_pb2.MemberResult]:
         me = p.stages[0]
         own = await self._on_engine(lambda: self._drop_here(me))
+        own.requests_moved, own.requests_prefilling = await self._on_engine(self._own_requests)
         joined: list[peer_pb2.JoinResponse] = []
         try:
             results = await asyncio.gather(
@@ -274,6 +275,11 @@ class Member:
         self.last_drop_s = res.seconds
         return agent_pb2.MemberResult(agent_id=self.agent_id, layer_start=me.start, layer_end=me.end,
                                       kv_blocks_total=self.engine.block_manager.num_blocks, seconds=res.seconds)
+
+    def _own_requests(self) -> tuple[int, int]:
+        running = self.engine.scheduler.running
+        prefilling = sum(0 < s.num_computed_tokens < s.num_prompt_tokens for s in running)
+        return len(running) + len(self.engine.scheduler.waiting), prefilling
 
     def _undo_drop(self) -> None:
         self.store.restore()
@@ -376,6 +382,7 @@ class Member:
         self.transport = GrpcTransport(p.epoch, [s.endpoint for s in p.stages], self.rpc_timeout_s)
         self.executor = StageExecutor(index, e.model, e.kv_cache, e.sampler, self.transport.remote_attention)
         result.requests_moved = len(handed)
+        result.requests_prefilling = sum(0 < h.num_computed_tokens < len(h.prompt_token_ids) for h in handed)
         return peer_pb2.JoinResponse(result=result, kv_blocks_total=e.block_manager.num_blocks,
                                      full_blocks=self._full_blocks, requests=handed)
 

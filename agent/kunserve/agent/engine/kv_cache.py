@@ -60,7 +60,10 @@ class KVCache:
             raise PoolError(f"cannot grow the KV pool by {n} blocks")
         first = self.num_blocks
         shape = (2, n, self.block_size, self.num_kv_heads, self.head_dim)
-        slabs = {layer: torch.zeros(shape, dtype=self.dtype, device=self.device) for layer in self.layer_ids}
+        # Only the first segment is zeroed: padded attention reads point at slot 0 and must stay finite; every
+        # other slot is written before it is read, so growth (a drop) does not pay for a memset.
+        alloc = torch.zeros if first == 0 else torch.empty
+        slabs = {layer: alloc(shape, dtype=self.dtype, device=self.device) for layer in self.layer_ids}
         # A new list, not an append: threads serving remote attention may be iterating the old one.
         self.segments = [*self.segments, _Segment(first, n, slabs)]
         return range(first, first + n)

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bkunserve/rpc/v1/agent.proto\x12\x0fkunserve.rpc.v1\"W\n\tStageSpec\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x13\n\x0blayer_start\x18\x03 \x01(\x05\x12\x11\n\tlayer_end\x18\x04 \x01(\x05\"7\n\tGroupSpec\x12*\n\x06stages\x18\x01 \x03(\x0b\x32\x1a.kunserve.rpc.v1.StageSpec\"\x83\x01\n\x0ePrepareRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\'\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x17.kunserve.rpc.v1.Action\x12)\n\x05group\x18\x03 \x01(\x0b\x32\x1a.kunserve.rpc.v1.GroupSpec\x12\x0e\n\x06reason\x18\x04 \x01(\t\"g\n\x0fPrepareResponse\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x17\n\x0fkv_blocks_total\x18\x03 \x01(\x03\x12\x1a\n\x12weight_bytes_delta\x18\x04 \x01(\x03\"\x1e\n\rCommitRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\"\x8a\x01\n\x0cMemberResult\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x13\n\x0blayer_start\x18\x02 \x01(\x05\x12\x11\n\tlayer_end\x18\x03 \x01(\x05\x12\x17\n\x0fkv_blocks_total\x18\x04 \x01(\x03\x12\x0f\n\x07seconds\x18\x05 \x01(\x01\x12\x16\n\x0erequests_moved\x18\x06 \x01(\x05\"`\n\x0e\x43ommitResponse\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12.\n\x07members\x18\x02 \x03(\x0b\x32\x1d.kunserve.rpc.v1.MemberResult\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\"<\n\x1b\x41\x62ortReconfigurationRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\"4\n\x1c\x41\x62ortReconfigurationResponse\x12\x14\n\x0cwas_prepared\x18\x01 \x01(\x08\"\x0f\n\rStatusRequest\"\x84\x03\n\x0eStatusResponse\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\x05\x12\x13\n\x0blayer_start\x18\x04 \x01(\x05\x12\x11\n\tlayer_end\x18\x05 \x01(\x05\x12\x12\n\nblock_size\x18\x06 \x01(\x05\x12\x17\n\x0fkv_blocks_total\x18\x07 \x01(\x03\x12\x16\n\x0ekv_blocks_free\x18\x08 \x01(\x03\x12\x16\n\x0ekv_block_bytes\x18\t \x01(\x03\x12\x14\n\x0cweight_bytes\x18\n \x01(\x03\x12\x1b\n\x13memory_budget_bytes\x18\x0b \x01(\x03\x12\r\n\x05\x65poch\x18\x0c \x01(\x04\x12#\n\x04role\x18\r \x01(\x0e\x32\x15.kunserve.rpc.v1.Role\x12\x0e\n\x06\x64\x65vice\x18\x0e \x01(\t\x12)\n\x05group\x18\x0f \x01(\x0b\x32\x1a.kunserve.rpc.v1.GroupSpec\x12\x16\n\x0eprepared_epoch\x18\x10 \x01(\x04\"+\n\x14WatchPressureRequest\x12\x13\n\x0binterval_ms\x18\x01 \x01(\r\"\x94\x02\n\x08Pressure\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x15\n\rblocks_needed\x18\x02 \x01(\x03\x12\x14\n\x0c\x62locks_total\x18\x03 \x01(\x03\x12\x13\n\x0b\x62locks_free\x18\x04 \x01(\x03\x12\x13\n\x0bnum_waiting\x18\x05 \x01(\x05\x12\x13\n\x0bnum_running\x18\x06 \x01(\x05\x12\x0e\n\x06\x64\x65mand\x18\x07 \x01(\x01\x12\x11\n\ttimestamp\x18\x08 \x01(\x01\x12\r\n\x05\x65poch\x18\t \x01(\x04\x12\x17\n\x0fnum_preemptions\x18\n \x01(\x03\x12#\n\x04role\x18\x0b \x01(\x0e\x32\x15.kunserve.rpc.v1.Role\x12\x1a\n\x12home_blocks_needed\x18\x0c \x01(\x03*O\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x10\n\x0cROLE_REPLICA\x10\x01\x12\x0f\n\x0bROLE_LEADER\x10\x02\x12\x0e\n\nROLE_STAGE\x10\x03*E\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x41\x43TION_DROP\x10\x01\x12\x12\n\x0e\x41\x43TION_RESTORE\x10\x02\x32\xa6\x03\n\x05\x41gent\x12I\n\x06Status\x12\x1e.kunserve.rpc.v1.StatusRequest\x1a\x1f.kunserve.rpc.v1.StatusResponse\x12S\n\rWatchPressure\x12%.kunserve.rpc.v1.WatchPressureRequest\x1a\x19.kunserve.rpc.v1.Pressure0\x01\x12L\n\x07Prepare\x12\x1f.kunserve.rpc.v1.PrepareRequest\x1a .kunserve.rpc.v1.PrepareResponse\x12I\n\x06\x43ommit\x12\x1e.kunserve.rpc.v1.CommitRequest\x1a\x1f.kunserve.rpc.v1.CommitResponse\x12\x64\n\x05\x41\x62ort\x12,.kunserve.rpc.v1.AbortReconfigurationRequest\x1a-.kunserve.rpc.v1.AbortReconfigurationResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bkunserve/rpc/v1/agent.proto\x12\x0fkunserve.rpc.v1\"W\n\tStageSpec\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x13\n\x0blayer_start\x18\x03 \x01(\x05\x12\x11\n\tlayer_end\x18\x04 \x01(\x05\"7\n\tGroupSpec\x12*\n\x06stages\x18\x01 \x03(\x0b\x32\x1a.kunserve.rpc.v1.StageSpec\"\x83\x01\n\x0ePrepareRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\'\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x17.kunserve.rpc.v1.Action\x12)\n\x05group\x18\x03 \x01(\x0b\x32\x1a.kunserve.rpc.v1.GroupSpec\x12\x0e\n\x06reason\x18\x04 \x01(\t\"g\n\x0fPrepareResponse\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x17\n\x0fkv_blocks_total\x18\x03 \x01(\x03\x12\x1a\n\x12weight_bytes_delta\x18\x04 \x01(\x03\"\x1e\n\rCommitRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\"\xa7\x01\n\x0cMemberResult\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x13\n\x0blayer_start\x18\x02 \x01(\x05\x12\x11\n\tlayer_end\x18\x03 \x01(\x05\x12\x17\n\x0fkv_blocks_total\x18\x04 \x01(\x03\x12\x0f\n\x07seconds\x18\x05 \x01(\x01\x12\x16\n\x0erequests_moved\x18\x06 \x01(\x05\x12\x1b\n\x13requests_prefilling\x18\x07 \x01(\x05\"`\n\x0e\x43ommitResponse\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12.\n\x07members\x18\x02 \x03(\x0b\x32\x1d.kunserve.rpc.v1.MemberResult\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\"<\n\x1b\x41\x62ortReconfigurationRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\"4\n\x1c\x41\x62ortReconfigurationResponse\x12\x14\n\x0cwas_prepared\x18\x01 \x01(\x08\"\x0f\n\rStatusRequest\"\x84\x03\n\x0eStatusResponse\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\x05\x12\x13\n\x0blayer_start\x18\x04 \x01(\x05\x12\x11\n\tlayer_end\x18\x05 \x01(\x05\x12\x12\n\nblock_size\x18\x06 \x01(\x05\x12\x17\n\x0fkv_blocks_total\x18\x07 \x01(\x03\x12\x16\n\x0ekv_blocks_free\x18\x08 \x01(\x03\x12\x16\n\x0ekv_block_bytes\x18\t \x01(\x03\x12\x14\n\x0cweight_bytes\x18\n \x01(\x03\x12\x1b\n\x13memory_budget_bytes\x18\x0b \x01(\x03\x12\r\n\x05\x65poch\x18\x0c \x01(\x04\x12#\n\x04role\x18\r \x01(\x0e\x32\x15.kunserve.rpc.v1.Role\x12\x0e\n\x06\x64\x65vice\x18\x0e \x01(\t\x12)\n\x05group\x18\x0f \x01(\x0b\x32\x1a.kunserve.rpc.v1.GroupSpec\x12\x16\n\x0eprepared_epoch\x18\x10 \x01(\x04\"+\n\x14WatchPressureRequest\x12\x13\n\x0binterval_ms\x18\x01 \x01(\r\"\x94\x02\n\x08Pressure\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x15\n\rblocks_needed\x18\x02 \x01(\x03\x12\x14\n\x0c\x62locks_total\x18\x03 \x01(\x03\x12\x13\n\x0b\x62locks_free\x18\x04 \x01(\x03\x12\x13\n\x0bnum_waiting\x18\x05 \x01(\x05\x12\x13\n\x0bnum_running\x18\x06 \x01(\x05\x12\x0e\n\x06\x64\x65mand\x18\x07 \x01(\x01\x12\x11\n\ttimestamp\x18\x08 \x01(\x01\x12\r\n\x05\x65poch\x18\t \x01(\x04\x12\x17\n\x0fnum_preemptions\x18\n \x01(\x03\x12#\n\x04role\x18\x0b \x01(\x0e\x32\x15.kunserve.rpc.v1.Role\x12\x1a\n\x12home_blocks_needed\x18\x0c \x01(\x03*O\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x10\n\x0cROLE_REPLICA\x10\x01\x12\x0f\n\x0bROLE_LEADER\x10\x02\x12\x0e\n\nROLE_STAGE\x10\x03*E\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x41\x43TION_DROP\x10\x01\x12\x12\n\x0e\x41\x43TION_RESTORE\x10\x02\x32\xa6\x03\n\x05\x41gent\x12I\n\x06Status\x12\x1e.kunserve.rpc.v1.StatusRequest\x1a\x1f.kunserve.rpc.v1.StatusResponse\x12S\n\rWatchPressure\x12%.kunserve.rpc.v1.WatchPressureRequest\x1a\x19.kunserve.rpc.v1.Pressure0\x01\x12L\n\x07Prepare\x12\x1f.kunserve.rpc.v1.PrepareRequest\x1a .kunserve.rpc.v1.PrepareResponse\x12I\n\x06\x43ommit\x12\x1e.kunserve.rpc.v1.CommitRequest\x1a\x1f.kunserve.rpc.v1.CommitResponse\x12\x64\n\x05\x41\x62ort\x12,.kunserve.rpc.v1.AbortReconfigurationRequest\x1a-.kunserve.rpc.v1.AbortReconfigurationResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kunserve.rpc.v1.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=1552
-  _globals['_ROLE']._serialized_end=1631
-  _globals['_ACTION']._serialized_start=1633
-  _globals['_ACTION']._serialized_end=1702
+  _globals['_ROLE']._serialized_start=1581
+  _globals['_ROLE']._serialized_end=1660
+  _globals['_ACTION']._serialized_start=1662
+  _globals['_ACTION']._serialized_end=1731
   _globals['_STAGESPEC']._serialized_start=48
   _globals['_STAGESPEC']._serialized_end=135
   _globals['_GROUPSPEC']._serialized_start=137
@@ -46,21 +46,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COMMITREQUEST']._serialized_start=433
   _globals['_COMMITREQUEST']._serialized_end=463
   _globals['_MEMBERRESULT']._serialized_start=466
-  _globals['_MEMBERRESULT']._serialized_end=604
-  _globals['_COMMITRESPONSE']._serialized_start=606
-  _globals['_COMMITRESPONSE']._serialized_end=702
-  _globals['_ABORTRECONFIGURATIONREQUEST']._serialized_start=704
-  _globals['_ABORTRECONFIGURATIONREQUEST']._serialized_end=764
-  _globals['_ABORTRECONFIGURATIONRESPONSE']._serialized_start=766
-  _globals['_ABORTRECONFIGURATIONRESPONSE']._serialized_end=818
-  _globals['_STATUSREQUEST']._serialized_start=820
-  _globals['_STATUSREQUEST']._serialized_end=835
-  _globals['_STATUSRESPONSE']._serialized_start=838
-  _globals['_STATUSRESPONSE']._serialized_end=1226
-  _globals['_WATCHPRESSUREREQUEST']._serialized_start=1228
-  _globals['_WATCHPRESSUREREQUEST']._serialized_end=1271
-  _globals['_PRESSURE']._serialized_start=1274
-  _globals['_PRESSURE']._serialized_end=1550
-  _globals['_AGENT']._serialized_start=1705
-  _globals['_AGENT']._serialized_end=2127
+  _globals['_MEMBERRESULT']._serialized_end=633
+  _globals['_COMMITRESPONSE']._serialized_start=635
+  _globals['_COMMITRESPONSE']._serialized_end=731
+  _globals['_ABORTRECONFIGURATIONREQUEST']._serialized_start=733
+  _globals['_ABORTRECONFIGURATIONREQUEST']._serialized_end=793
+  _globals['_ABORTRECONFIGURATIONRESPONSE']._serialized_start=795
+  _globals['_ABORTRECONFIGURATIONRESPONSE']._serialized_end=847
+  _globals['_STATUSREQUEST']._serialized_start=849
+  _globals['_STATUSREQUEST']._serialized_end=864
+  _globals['_STATUSRESPONSE']._serialized_start=867
+  _globals['_STATUSRESPONSE']._serialized_end=1255
+  _globals['_WATCHPRESSUREREQUEST']._serialized_start=1257
+  _globals['_WATCHPRESSUREREQUEST']._serialized_end=1300
+  _globals['_PRESSURE']._serialized_start=1303
+  _globals['_PRESSURE']._serialized_end=1579
+  _globals['_AGENT']._serialized_start=1734
+  _globals['_AGENT']._serialized_end=2156
 # @@protoc_insertion_point(module_scope)

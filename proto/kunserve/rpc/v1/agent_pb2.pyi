@@ -242,6 +242,7 @@ class MemberResult(_message.Message):
     KV_BLOCKS_TOTAL_FIELD_NUMBER: _builtins.int
     SECONDS_FIELD_NUMBER: _builtins.int
     REQUESTS_MOVED_FIELD_NUMBER: _builtins.int
+    REQUESTS_PREFILLING_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """The member agent."""
     layer_start: _builtins.int
@@ -257,6 +258,10 @@ class MemberResult(_message.Message):
     """Requests that moved with the reconfiguration (handed to the leader on a
     drop, back to this owner on a restore).
     """
+    requests_prefilling: _builtins.int
+    """Of the requests a drop moved, those whose prompt was only partly
+    computed (their prefill goes on in the group).
+    """
     def __init__(
         self,
         *,
@@ -266,10 +271,11 @@ class MemberResult(_message.Message):
         kv_blocks_total: _builtins.int = ...,
         seconds: _builtins.float = ...,
         requests_moved: _builtins.int = ...,
+        requests_prefilling: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "kv_blocks_total", b"kv_blocks_total", "layer_end", b"layer_end", "layer_start", b"layer_start", "requests_moved", b"requests_moved", "seconds", b"seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "kv_blocks_total", b"kv_blocks_total", "layer_end", b"layer_end", "layer_start", b"layer_start", "requests_moved", b"requests_moved", "requests_prefilling", b"requests_prefilling", "seconds", b"seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
