@@ -12,13 +12,14 @@ SMOLLM2 := $(MODELS)/smollm2-135m
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint proto proto-check bench model clean help
+.PHONY: setup demo test test-fast lint proto proto-check bench helm-render model clean help
 
 help:
 	@echo "make demo    set up, convert SmolLM2-135M-Instruct once, stream a chat answer"
 	@echo "make test    set up, run the whole test suite"
 	@echo "make lint    ruff + mypy";  echo "make proto   regenerate gRPC stubs; make proto-check verifies them"
 	@echo "make bench   engine throughput benchmark (writes bench/results/)"
+	@echo "make helm-render   render the Helm chart (HELM_VALUES=f.yaml HELM_NAMESPACE=ns HELM_OUT=dir)"
 
 setup: $(STAMP)
 
@@ -65,6 +66,17 @@ proto-check: $(STAMP)
 
 bench: $(STAMP) model
 	$(PY) bench/engine_throughput.py --model $(SMOLLM2)
+
+# Render deploy/helm/kunserve with Helm's engine (no helm binary): CRDs + manifests to stdout, or one file per
+# template under HELM_OUT. HELM_VALUES: values files, space-separated.
+HELM_VALUES ?=
+HELM_NAMESPACE ?= kunserve-system
+HELM_RELEASE ?= kunserve
+HELM_OUT ?=
+helm-render:
+	@$(MAKE) --no-print-directory setup >&2  # set-up messages must not mix with the manifests on stdout
+	@$(PY) deploy/helm/render.py --include-crds --release $(HELM_RELEASE) -n $(HELM_NAMESPACE) \
+	  $(foreach f,$(HELM_VALUES),-f $(f)) $(if $(HELM_OUT),--out $(HELM_OUT))
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis build dist
