@@ -236,7 +236,10 @@ class GroupLeader:
                 samplers.append(seq)
             seq.num_computed_tokens += n
             seq.busy = True
-        hidden = self.executor.run(specs, None)
+        try:
+            hidden = self.executor.run(specs, None)
+        except Exception as exc:  # remote attention to a member that is gone
+            raise GroupLostError(f"group epoch {self.epoch}: stage 0 could not compute a micro-batch: {exc}") from exc
         self._batch_ids += 1
         self.inflight.append(_InFlight(self.transport.forward(1, self._batch_ids, specs, hidden), seqs, samplers))
         return True
@@ -325,7 +328,10 @@ class GroupLeader:
         for st in self.stages:
             if st.reclaimed or st.index in busy:
                 continue
-            added = self.engine.kv_cache.reclaim_dropped() if st.index == 0 else self.transport.reclaim(st.index)
+            try:
+                added = self.engine.kv_cache.reclaim_dropped() if st.index == 0 else self.transport.reclaim(st.index)
+            except Exception as exc:
+                raise GroupLostError(f"group epoch {self.epoch}: stage {st.index} failed to reclaim: {exc}") from exc
             if added:
                 st.mirror.grow(added)
             st.reclaimed = True

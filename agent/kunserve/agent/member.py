@@ -126,6 +126,7 @@ class Member:
         self._remote_calls_before = 0  # made by executors of earlier groups
         self._lock = asyncio.Lock()
         self._io = ThreadPoolExecutor(2, thread_name_prefix="kv-exchange")
+        self._watchdog: asyncio.Task[None] | None = None
         self.aio_loop: asyncio.AbstractEventLoop | None = None
         self.on_change: Callable[[Member], None] | None = None  # metrics hook
         loop.on_group_lost = self._group_lost
@@ -358,6 +359,7 @@ class Member:
             resp = await self._on_engine(lambda: self._join_here(p, index))
             self.epoch, self.stages, self.role, self.prepared = p.epoch, p.stages, Role.STAGE, None
             leader = self._peer(p.stages[0].endpoint)
+            self._watchdog = asyncio.get_running_loop().create_task(self._watch_leader(epoch))
             for h in resp.requests:
                 self._start_relay(h.request_id, leader.Resume(peer_pb2.ResumeRequest(epoch=epoch,
                                   request_id=h.request_id), timeout=self.stream_timeout_s))
@@ -385,6 +387,23 @@ class Member:
         result.requests_prefilling = sum(0 < h.num_computed_tokens < len(h.prompt_token_ids) for h in handed)
         return peer_pb2.JoinResponse(result=result, kv_blocks_total=e.block_manager.num_blocks,
                                      full_blocks=self._full_blocks, requests=handed)
+
+    async def _watch_leader(self, epoch: int, interval_s: float = 1.0, misses: int = 3) -> None:
+        """A later stage checks that its leader is alive; a leader gone for `misses` checks in a row means
+        the group is gone: this agent fails what it relays and restores itself."""
+        missed = 0
+        while self.role is Role.STAGE and self.epoch == epoch:
+            await asyncio.sleep(interval_s)
+            try:
+                async with grpc.aio.insecure_channel(self.stages[0].endpoint, options=grpc_channel_options()) as ch:
+                    st = await agent_pb2_grpc.AgentStub(ch).Status(agent_pb2.StatusRequest(), timeout=interval_s * 2)
+                missed = 0 if st.epoch == epoch and st.role == agent_pb2.ROLE_LEADER else missed + 1
+            except grpc.aio.AioRpcError:
+                missed += 1
+            if missed >= misses and self.role is Role.STAGE and self.epoch == epoch:
+                self._watchdog = None  # this task: not cancelled by the disband it runs
+                await self.disband(epoch, f"the group's leader {self.stages[0].agent_id} is gone")
+                return
 
     def _start_relay(self, request_id: str, call: Any) -> None:
         """Follow a request the leader computes; its outputs go to the sink this agent holds for it."""
@@ -565,6 +584,9 @@ class Member:
             self.transport.close()
         self._remote_calls_before = self.remote_attention_calls
         self.leader, self.executor, self.transport = None, None, None
+        if self._watchdog is not None and self.aio_loop is not None:
+            self.aio_loop.call_soon_threadsafe(self._watchdog.cancel)
+            self._watchdog = None
         self.role, self.stages = Role.REPLICA, ()
         self.loop.driver = self.engine
 
