@@ -128,6 +128,7 @@ def test_busy_sequences_are_skipped_and_batches_are_capped() -> None:
         s.busy = True
     assert sched.schedule().is_empty  # everything is in flight
     seqs[0].busy = False
+    seqs[0].append_token(4)  # its micro-batch came back with a token
     assert [s.request_id for s in sched.schedule().seqs] == ["s0"]
 
 
