@@ -1,0 +1,69 @@
+"""Start and stop a real `kunserve agent` process (tests, benchmarks and tools on one machine)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from kunserve.rpc.tensors import grpc_channel_options
+
+REPO = Path(__file__).resolve().parents[3]  # a source checkout: agent/kunserve/agent/launch.py
+SOURCE_ROOTS = ":".join(str(REPO / r) for r in ("operator", "agent", "gateway", "proto"))
+
+
+@dataclass
+class AgentProcess:
+    proc: subprocess.Popen[bytes]
+    agent_id: str
+    grpc_port: int
+    metrics_port: int
+    log_path: Path
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(self.target, options=grpc_channel_options())
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode
+
+
+def start_agent(model_dir: Path, workdir: Path, *extra: str, timeout: float = 60.0) -> AgentProcess:
+    """Launch an agent with free ports and wait (bounded) until it reports ready."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    ready = workdir / "ready.json"
+    ready.unlink(missing_ok=True)  # a ready file of an earlier run names stale ports
+    log_path = workdir / "agent.log"
+    cmd = [sys.executable, "-c", "import sys; from kunserve.cli import main; sys.exit(main(sys.argv[1:]))",
+           "agent", "--model", str(model_dir), "--port", "0", "--metrics-port", "0", "--threads", "1",
+           "--ready-file", str(ready), *extra]
+    env = {**os.environ, "PYTHONPATH": SOURCE_ROOTS}
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + timeout
+    while not ready.exists():
+        if proc.poll() is not None:
+            raise RuntimeError(f"agent exited with {proc.returncode}:\n{log_path.read_text()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise TimeoutError(f"agent not ready after {timeout}s:\n{log_path.read_text()}")
+        time.sleep(0.1)
+    info = json.loads(ready.read_text())
+    return AgentProcess(proc, info["agent_id"], info["grpc_port"], info["metrics_port"], log_path)
