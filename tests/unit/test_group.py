@@ -91,6 +91,20 @@ def test_a_handed_request_grows_only_where_it_keeps_blocks_and_waits_for_its_exc
     assert stages[1].mirror.num_free_blocks == 8
 
 
+def test_a_handed_request_grows_into_pre_drop_blocks_while_they_last() -> None:
+    stages, seqs, alloc = _group()
+    stages[1].full_blocks = 3  # blocks 0-2 of stage 1 still have pages for every layer
+    stages[1].mirror.mark_used([0, 1])
+    seq = Sequence("old", [1] * 8, SamplingParams())
+    seqs["old"] = GroupSeq("a1", [[], [0, 1]], [False, True], kv_stage=1, pending={0, 1, 2, 3})
+    assert not alloc.deferred(seq, 9) and alloc.allocate(seq, 9)
+    assert seqs["old"].tables[1] == [0, 1, 2]
+    assert alloc.deferred(seq, 13)  # block 3 is post-drop: no page for layers 0-3
+    seqs["old"].held_for = 0
+    seqs["old"].pending = {0}
+    assert alloc.deferred(seq, 12)  # held for its exchange step even though it fits
+
+
 def test_reclaim_reuses_the_dropped_layers_pages_without_copying() -> None:
     cache = KVCache(list(range(8)), 2, 3, 4, torch.float32, torch.device("cpu"))
     cache.add_blocks(5)

@@ -60,7 +60,7 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "ready-file": (str, None, "write {grpc_port, metrics_port, agent_id, pid} here (JSON) once serving"),
     "advertise-host": (str, None, "host peers reach this agent at (default: --host)"),
     "pipeline-depth": (int, 2, "micro-batches in flight while leading a cooperative group"),
-    "kv-exchange-layers": (int, 1, "layers of one request moved per KV exchange step (the bound per step)"),
+    "kv-exchange-bytes": (parse_size, 8 << 20, "KV bytes one exchange step moves at most (the bound per step)"),
     "rpc-timeout": (float, 30.0, "deadline in seconds of every call between agents"),
 }
 
@@ -150,7 +150,7 @@ async def _serve(s: dict[str, Any]) -> int:
         return 1
     endpoint = f"{s['advertise-host'] or s['host']}:{port}"
     member = Member(loop, s["agent-id"], endpoint, rpc_timeout_s=s["rpc-timeout"], depth=s["pipeline-depth"],
-                    exchange_layers=s["kv-exchange-layers"])
+                    exchange_bytes=s["kv-exchange-bytes"])
     member.aio_loop = asyncio.get_running_loop()
     metrics.follow(member)
     inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(loop, member), server)

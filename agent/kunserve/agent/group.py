@@ -44,6 +44,7 @@ class Stage:
     start: int  # layers [start, end)
     end: int
     mirror: BlockManager  # the stage's pool as the leader accounts it (the leader's own: its real pool)
+    full_blocks: int = 0  # blocks [0, full_blocks) still have pages for every layer (its pool before the drop)
     reclaimed: bool = False  # pages of its dropped layers reused (see KVCache.reclaim_dropped)
 
     def holds(self, layer: int) -> bool:
@@ -59,6 +60,7 @@ class GroupSeq:
     active: list[bool]  # stages that keep blocks for it (all, for a request that started in the group)
     kv_stage: int = NO_STAGE  # stage holding its pre-drop KV
     pending: set[int] = field(default_factory=set)  # layers whose KV is still on kv_stage only
+    held_for: int = NO_STAGE  # kept out of micro-batches until its exchange step to this stage has run
 
 
 class Transport(Protocol):
@@ -112,10 +114,20 @@ class GroupAllocator:
         g.kv_stage, g.pending = NO_STAGE, set()
 
     def deferred(self, seq: Sequence, num_tokens: int) -> bool:
-        # Remote layers append to pre-drop blocks on kv_stage; a new block there would hold no page for
-        # them, so a request that outgrows its pre-drop blocks waits for its KV exchange to finish.
+        # Remote layers append to blocks on kv_stage, which need pages for those layers: pre-drop blocks
+        # (ids below full_blocks, allocated lowest first). A request that would need a newer block there
+        # waits for its KV exchange instead.
         g = self.seqs[seq.request_id]
-        return bool(g.pending) and self.blocks_for(num_tokens) > len(g.tables[g.kv_stage])
+        if not g.pending:
+            return False
+        if g.held_for != NO_STAGE:
+            return True
+        need = self.blocks_for(num_tokens) - len(g.tables[g.kv_stage])
+        if need <= 0:
+            return False
+        st = self.stages[g.kv_stage]
+        lowest = st.mirror.lowest_free(need)
+        return len(lowest) < need or lowest[-1] >= st.full_blocks
 
 
 @dataclass(slots=True)
@@ -138,16 +150,19 @@ class GroupLeader:
 
     def __init__(self, engine: LLMEngine, epoch: int, stages: list[Stage], transport: Transport,
                  local_import: Callable[[str, int, list[int], list[int], int, list[int]], Future[int]],
-                 depth: int = 2, exchange_layers: int = 1, rpc_timeout_s: float = 30.0) -> None:
+                 depth: int = 2, exchange_bytes: int = 8 << 20, rpc_timeout_s: float = 30.0) -> None:
         self.engine, self.epoch, self.stages, self.transport = engine, epoch, stages, transport
         self.local_import = local_import  # ImportKV into the leader's own pool (runs off the engine thread)
-        self.depth, self.exchange_layers, self.rpc_timeout_s = depth, exchange_layers, rpc_timeout_s
+        self.depth, self.exchange_bytes, self.rpc_timeout_s = depth, exchange_bytes, rpc_timeout_s
+        cfg = engine.model_config
+        elem = torch.empty((), dtype=engine.dtype).element_size()
+        self.kv_token_layer_bytes = 2 * cfg.num_key_value_heads * cfg.head_dim * elem  # one token, one layer
         self.seqs: dict[str, GroupSeq] = {}
         self.allocator = GroupAllocator(stages, self.seqs, engine.config.block_size)
         self.scheduler = Scheduler(engine.scheduler.config, self.allocator)
         self.executor = StageExecutor(0, engine.model, engine.kv_cache, engine.sampler, transport.remote_attention)
         self.inflight: collections.deque[_InFlight] = collections.deque()
-        self.exchange: _Exchange | None = None
+        self.exchanges: dict[int, _Exchange] = {}  # at most one step in flight per receiving stage
         self.draining = False  # no new micro-batches (a restore is pausing the group)
         self.aborted: set[str] = set()  # aborted while in flight: finished when their batch returns
         self.kv_bytes_exchanged = 0
@@ -188,11 +203,11 @@ class GroupLeader:
 
     def has_unfinished_requests(self) -> bool:
         e = self.engine
-        return bool(e._requests or e._pending or self.inflight or self.exchange)
+        return bool(e._requests or e._pending or self.inflight or self.exchanges)
 
     @property
     def idle(self) -> bool:
-        return not self.inflight and self.exchange is None
+        return not self.inflight and not self.exchanges
 
     # ---- the loop --------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -207,7 +222,7 @@ class GroupLeader:
         if not outputs:
             if self.inflight:
                 self._collect(outputs, block=True)
-            elif self.exchange is not None:
+            elif self.exchanges:
                 self._finish_exchange(block=True)
         return outputs
 
@@ -277,49 +292,65 @@ class GroupLeader:
 
     # ---- KV exchange -----------------------------------------------------------------------------------
     def _start_exchange(self) -> None:
-        """Start the next exchange step: one request's next `exchange_layers` pending layers of one stage.
-        Requests that wait on it (deferred) go first."""
-        if self.exchange is not None:
+        """Start exchange steps, one per receiving stage that has none in flight: one request's pending
+        layers held by that stage, as many as fit in `exchange_bytes` (at least one). The request is held
+        out of new micro-batches until the step ran (a request is nearly always in flight otherwise), so
+        each step pauses one request for one round trip. Requests that wait for their exchange go first."""
+        running = [s for s in self.scheduler.running if self.seqs[s.request_id].pending]
+        if not running:
             return
-        sched = self.scheduler
-        candidates = [s for s in sched.running if self.seqs[s.request_id].pending and not s.busy]
-        candidates.sort(key=lambda s: not self.allocator.deferred(s, s.num_computed_tokens + 1))
-        for seq in candidates:
-            g = self.seqs[seq.request_id]
-            for st in self.stages:
-                layers = sorted(layer for layer in g.pending if st.holds(layer))[: self.exchange_layers]
-                if not layers or st.index == g.kv_stage:
+        for st in self.stages:
+            if st.index in self.exchanges:
+                continue
+            seq = next((s for s in running if self.seqs[s.request_id].held_for == st.index), None)
+            if seq is None:
+                options = [s for s in running if self.seqs[s.request_id].held_for == NO_STAGE
+                           and self.seqs[s.request_id].kv_stage != st.index
+                           and any(st.holds(layer) for layer in self.seqs[s.request_id].pending)]
+                if not options:
                     continue
-                table = g.tables[st.index]
-                if not g.active[st.index]:
-                    if not st.mirror.allocate_slots(table, seq.num_computed_tokens):
-                        continue  # no room on that stage yet
-                    g.active[st.index] = True
-                args = (seq.request_id, g.kv_stage, list(g.tables[g.kv_stage]), list(table),
-                        seq.num_computed_tokens, layers)
-                fut = self.local_import(*args) if st.index == 0 else self.transport.import_kv(st.index, *args)
-                seq.busy = True
-                self.exchange = _Exchange(fut, seq, st.index, layers)
+                options.sort(key=lambda s: not self.allocator.deferred(s, s.num_computed_tokens + 1))
+                seq = options[0]
+                self.seqs[seq.request_id].held_for = st.index
+            if not seq.busy:
+                self._exchange_step(seq, st)
+
+    def _exchange_step(self, seq: Sequence, st: Stage) -> None:
+        g = self.seqs[seq.request_id]
+        per_layer = max(1, seq.num_computed_tokens * self.kv_token_layer_bytes)
+        layers = sorted(layer for layer in g.pending if st.holds(layer))[: max(1, self.exchange_bytes // per_layer)]
+        table = g.tables[st.index]
+        if not g.active[st.index]:
+            if not st.mirror.allocate_slots(table, seq.num_computed_tokens):
+                g.held_for = NO_STAGE  # no room on that stage yet: let it run, try again later
                 return
+            g.active[st.index] = True
+        args = (seq.request_id, g.kv_stage, list(g.tables[g.kv_stage]), list(table), seq.num_computed_tokens, layers)
+        fut = self.local_import(*args) if st.index == 0 else self.transport.import_kv(st.index, *args)
+        seq.busy = True
+        self.exchanges[st.index] = _Exchange(fut, seq, st.index, layers)
 
     def _finish_exchange(self, block: bool) -> None:
-        ex = self.exchange
-        if ex is None or not (block or ex.future.done()):
-            return
-        self.exchange = None
-        try:
-            self.kv_bytes_exchanged += ex.future.result(timeout=self.rpc_timeout_s if block else 0)
-        except Exception as exc:
-            raise GroupLostError(f"group epoch {self.epoch}: KV exchange to stage {ex.stage} failed: {exc}") from exc
-        ex.seq.busy = False
-        g = self.seqs.get(ex.seq.request_id)
-        if g is None:
-            return
-        g.pending.difference_update(ex.layers)
-        if ex.seq.request_id in self.aborted:
-            self.aborted.discard(ex.seq.request_id)
-            self.engine.abort_request(ex.seq.request_id)
-            self.forget(ex.seq.request_id)
+        """Account for finished exchange steps (block: wait for the oldest one)."""
+        for stage, ex in list(self.exchanges.items()):
+            if not (block or ex.future.done()):
+                continue
+            block = False
+            del self.exchanges[stage]
+            try:
+                self.kv_bytes_exchanged += ex.future.result(timeout=self.rpc_timeout_s)
+            except Exception as exc:
+                raise GroupLostError(f"group epoch {self.epoch}: KV exchange to stage {stage} failed: {exc}") from exc
+            ex.seq.busy = False
+            g = self.seqs.get(ex.seq.request_id)
+            if g is None:
+                continue
+            g.pending.difference_update(ex.layers)
+            g.held_for = NO_STAGE
+            if ex.seq.request_id in self.aborted:
+                self.aborted.discard(ex.seq.request_id)
+                self.engine.abort_request(ex.seq.request_id)
+                self.forget(ex.seq.request_id)
         self._reclaim_drained()
 
     def _reclaim_drained(self) -> None:

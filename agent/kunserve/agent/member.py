@@ -102,11 +102,11 @@ def check_stages(stages: tuple[StagePlan, ...], num_layers: int) -> str | None:
 
 class Member:
     def __init__(self, loop: EngineLoop, agent_id: str, endpoint: str, rpc_timeout_s: float = 30.0,
-                 stream_timeout_s: float = 24 * 3600.0, depth: int = 2, exchange_layers: int = 1) -> None:
+                 stream_timeout_s: float = 24 * 3600.0, depth: int = 2, exchange_bytes: int = 8 << 20) -> None:
         self.loop, self.engine = loop, loop.engine
         self.agent_id, self.endpoint = agent_id, endpoint
         self.rpc_timeout_s, self.stream_timeout_s = rpc_timeout_s, stream_timeout_s
-        self.depth, self.exchange_layers = depth, exchange_layers
+        self.depth, self.exchange_bytes = depth, exchange_bytes
         self.store = LayerStore(self.engine)
         self.role = Role.REPLICA
         self.epoch = 0
@@ -291,12 +291,13 @@ class Member:
         e = self.engine
         bs = e.config.block_size
         self.transport = GrpcTransport(p.epoch, [s.endpoint for s in p.stages], self.rpc_timeout_s)
-        stages = [Stage(0, self.agent_id, p.stages[0].endpoint, p.stages[0].start, p.stages[0].end, e.block_manager)]
+        first = p.stages[0]
+        stages = [Stage(0, self.agent_id, first.endpoint, first.start, first.end, e.block_manager, self._full_blocks)]
         for i, (plan, j) in enumerate(zip(p.stages[1:], joined, strict=True), start=1):
             mirror = BlockManager(j.kv_blocks_total, bs)
             mirror.mark_used([b for h in j.requests for b in h.block_table])
-            stages.append(Stage(i, plan.agent_id, plan.endpoint, plan.start, plan.end, mirror))
-        leader = GroupLeader(e, p.epoch, stages, self.transport, self._import_here, self.depth, self.exchange_layers,
+            stages.append(Stage(i, plan.agent_id, plan.endpoint, plan.start, plan.end, mirror, j.full_blocks))
+        leader = GroupLeader(e, p.epoch, stages, self.transport, self._import_here, self.depth, self.exchange_bytes,
                              self.rpc_timeout_s)
         old = e.scheduler
         e.scheduler = leader.scheduler

@@ -55,6 +55,10 @@ class BlockManager:
             heapq.heappush(self._free, block)
         block_table.clear()
 
+    def lowest_free(self, k: int) -> list[int]:
+        """The k lowest free ids (what the next allocation of k blocks would get), fewer if fewer are free."""
+        return heapq.nsmallest(k, self._free)
+
     def mark_used(self, blocks: list[int]) -> None:
         """Take these specific free blocks (a group leader mirroring a member's pool as it was handed over)."""
         taken = set(blocks)
