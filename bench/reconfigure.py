@@ -20,6 +20,7 @@ import tempfile
 import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -63,7 +64,7 @@ def _metric(agent: AgentProcess, name: str, **labels: str) -> float:
 
 
 def _phase(streams: list[Stream], lo: float, hi: float) -> Phase:
-    gaps = [b - a for s in streams for a, b in zip(s.times, s.times[1:], strict=False) if lo <= a and b <= hi]
+    gaps = [b - a for s in streams for a, b in pairwise(s.times) if lo <= a and b <= hi]
     if not gaps:
         return Phase(0, float("nan"), float("nan"), float("nan"))
     q = statistics.quantiles(gaps, n=10) if len(gaps) > 1 else [gaps[0]] * 9
@@ -72,7 +73,7 @@ def _phase(streams: list[Stream], lo: float, hi: float) -> Phase:
 
 def _stall(streams: list[Stream], lo: float, hi: float) -> float:
     """Largest gap between consecutive tokens whose interval overlaps [lo, hi]."""
-    return max((b - a for s in streams for a, b in zip(s.times, s.times[1:], strict=False) if a <= hi and b >= lo),
+    return max((b - a for s in streams for a, b in pairwise(s.times) if a <= hi and b >= lo),
                default=0.0) * 1e3
 
 
@@ -135,7 +136,7 @@ def plot(results: list[tuple[Run, list[Stream], dict]], path: Path) -> None:
     for ax, (run, streams, marks) in zip(axes[:, 0], results, strict=True):
         for s in streams:
             t = [x - marks["start"] for x in s.times]
-            ax.plot(t[1:], [(b - a) * 1e3 for a, b in zip(t, t[1:], strict=False)], lw=0.6, alpha=0.6)
+            ax.plot(t[1:], [(b - a) * 1e3 for a, b in pairwise(t)], lw=0.6, alpha=0.6)
         for name, color in (("drop", "tab:red"), ("restore", "tab:green")):
             lo, hi = marks[name]
             ax.axvspan(lo, hi, color=color, alpha=0.25, label=f"{name} commit")

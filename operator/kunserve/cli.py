@@ -17,6 +17,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("kunserve.agent.generate_cmd", "run the engine in-process on one prompt and print the completion"),
     "gateway": ("kunserve.gateway.gateway_cmd", "run the OpenAI-compatible HTTP gateway in front of the agents"),
     "operator": ("kunserve.operator.operator_cmd", "run the Kubernetes operator (ServingPool handlers, via kopf)"),
+    "up": ("kunserve.operator.up_cmd", "serve a ServingPool on this machine: redis, agents, gateway, planner"),
+    "reconfigure": ("kunserve.operator.reconfigure_cmd", "force a drop or restore (local pool or agents)"),
     "make-model": ("kunserve.agent.model.make_model", "write a seeded tiny checkpoint or convert SmolLM2-135M"),
 }
 

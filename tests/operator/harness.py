@@ -11,6 +11,7 @@ kopf runs cluster-wide in its own thread (kopf.testing.KopfRunner) with the hand
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from typing import Any
 
 import kopf
@@ -26,8 +27,14 @@ _namespaces = itertools.count(1)
 
 
 class OperatorHarness:
-    def __init__(self, config: OperatorConfig = TEST_CONFIG, emulator: EmulatorThread | None = None) -> None:
+    def __init__(self, config: OperatorConfig = TEST_CONFIG, emulator: EmulatorThread | None = None,
+                 agent_endpoint: Callable[[str, str, str], str] | None = None,
+                 exit_timeout_s: float | None = None) -> None:
+        """agent_endpoint: (namespace, pool, replica) -> host:port of that agent (fake agents in tests);
+        exit_timeout_s: how long kopf lets running handlers finish when it stops (then cancels them)."""
         self.config = config
+        self.agent_endpoint = agent_endpoint
+        self.exit_timeout_s = exit_timeout_s
         self._own_emulator = emulator is None
         self.emulator = emulator or EmulatorThread()
         self.runner: KopfRunner | None = None
@@ -38,7 +45,9 @@ class OperatorHarness:
             self.emulator.__enter__()
         self.kubectl = Kubectl(self.emulator.url)
         registry = kopf.OperatorRegistry()
-        register(registry, self.config)
+        ctx = register(registry, self.config)
+        if self.agent_endpoint is not None:
+            ctx.agent_endpoint = self.agent_endpoint
         server = self.emulator.url
 
         @kopf.on.login(registry=registry)
@@ -49,6 +58,8 @@ class OperatorHarness:
         # kopf keeps an idle per-object worker for this long, and waits for such workers when it stops:
         # keep it short so that stopping the operator takes milliseconds, not 5 s.
         settings.queueing.idle_timeout = 0.2
+        if self.exit_timeout_s is not None:
+            settings.queueing.exit_timeout = self.exit_timeout_s
         self.runner = KopfRunner(["run", "--all-namespaces", "--standalone", "--verbose"], registry=registry,
                                  settings=settings, timeout=30)
         self.runner.__enter__()

@@ -63,6 +63,14 @@ def test_settings_come_from_env_and_flags_win() -> None:
         OperatorConfig.from_env({"KUNSERVE_IMAGE_PULL_POLICY": "Sometimes"})
 
 
+def test_planning_settings() -> None:
+    config = build_config(parse("--plan-seconds", "0.5"), env={"KUNSERVE_STALE_SECONDS": "7"})
+    assert (config.plan_interval_s, config.stale_after_s) == (0.5, 7.0)
+    assert build_config(parse(), env={}).plan_interval_s == OperatorConfig().plan_interval_s == 2.0
+    with pytest.raises(ConfigError, match="stale threshold"):
+        build_config(parse("--stale-seconds", "0"), env={})
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -108,7 +116,11 @@ def test_operator_modules_never_import_torch_or_the_agent() -> None:
         import kunserve.cli
         import kunserve.operator.handlers, kunserve.operator.operator_cmd, kunserve.operator.reconcile
         import kunserve.operator.manifests, kunserve.operator.validation, kunserve.operator.planner
+        import kunserve.operator.local, kunserve.operator.up_cmd, kunserve.operator.reconfigure_cmd
+        import kunserve.operator.executor, kunserve.operator.pressure, kunserve.operator.kube_runtime
         kunserve.cli.build_parser("operator")
+        kunserve.cli.build_parser("up")
+        kunserve.cli.build_parser("reconfigure")
         bad = sorted(m for m in sys.modules if m == "torch" or m.startswith(("torch.", "kunserve.agent")))
         print(",".join(bad))
     """)
@@ -116,3 +128,16 @@ def test_operator_modules_never_import_torch_or_the_agent() -> None:
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
                             check=True)
     assert result.stdout.strip() == "", f"operator imported: {result.stdout.strip()}"
+
+
+def test_only_the_client_module_imports_the_generated_stubs() -> None:
+    import ast
+
+    importers = []
+    for path in sorted((REPO / "operator" / "kunserve" / "operator").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n.startswith("kunserve.rpc") for n in names):
+                importers.append(path.name)
+    assert sorted(set(importers)) == ["agent_client.py"]

@@ -117,6 +117,7 @@ class Member:
         self.transport: GrpcTransport | None = None
         self.handoff: dict[str, asyncio.Queue[object]] = {}  # leader: outputs of requests other members follow
         self.relays: dict[str, asyncio.Task[None]] = {}  # a stage: requests it follows on the leader
+        self.relay_tokens: dict[str, int] = {}  # their tokens so far (prompt + output): its home pressure
         self.collected: list[MigratedRequest] = []
         self.last_commit: agent_pb2.CommitResponse | None = None
         self.last_drop_s: float | None = None
@@ -146,6 +147,15 @@ class Member:
     def remote_attention_calls(self) -> int:
         executor = self.leader.executor if self.leader is not None else self.executor
         return self._remote_calls_before + (executor.remote_calls if executor is not None else 0)
+
+    def home_blocks_needed(self) -> int | None:
+        """Blocks (every layer) the requests this agent owns need; None while it serves alone."""
+        bs = self.engine.config.block_size
+        if self.leader is not None:
+            return self.leader.home_blocks_needed(self.agent_id)
+        if self.role is Role.STAGE:
+            return sum(-(-(n + 1) // bs) for n in list(self.relay_tokens.values()))
+        return None
 
     def _changed(self) -> None:
         if self.on_change is not None:
@@ -362,6 +372,7 @@ class Member:
             leader = self._peer(p.stages[0].endpoint)
             self._watchdog = asyncio.get_running_loop().create_task(self._watch_leader(epoch))
             for h in resp.requests:
+                self.relay_tokens[h.request_id] = len(h.prompt_token_ids) + len(h.output_token_ids)
                 self._start_relay(h.request_id, leader.Resume(peer_pb2.ResumeRequest(epoch=epoch,
                                   request_id=h.request_id), timeout=self.stream_timeout_s))
             self._changed()
@@ -415,6 +426,8 @@ class Member:
                 async for msg in call:
                     if msg.handed_back:
                         return  # it goes on here after the split
+                    if request_id in self.relay_tokens:
+                        self.relay_tokens[request_id] += len(msg.token_ids)
                     if sink is not None:
                         sink(msg)
                     if msg.finish_reason:
@@ -428,12 +441,16 @@ class Member:
                     sink(GroupFailedError(f"request {request_id}: the group's leader failed: {exc.code().name}"))
             finally:
                 self.relays.pop(request_id, None)
+                self.relay_tokens.pop(request_id, None)
 
         self.relays[request_id] = asyncio.get_running_loop().create_task(relay())
 
     async def relay_new(self, request: Any, sink: Callable[[object], object]) -> None:
         """A request that reached this stage: the leader computes it, this agent keeps the client's stream."""
         await self._on_engine(lambda: self.loop.track(request.request_id, sink))
+        prompt = request.text if request.WhichOneof("prompt") == "text" else None
+        self.relay_tokens[request.request_id] = (
+            len(self.engine.tokenizer.encode(prompt)) if prompt is not None else len(request.token_ids.ids))
         fwd = type(request)()
         fwd.CopyFrom(request)
         fwd.owner = self.agent_id

@@ -198,7 +198,14 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
                       ) -> peer_pb2.ReclaimResponse:
         await self._member(context, request.epoch)
         e = self.loop.engine
-        added = await self._guard(context, asyncio.wrap_future(self.loop.call(e.kv_cache.reclaim_dropped)))
+
+        def reclaim() -> int:
+            added = e.kv_cache.reclaim_dropped()
+            if added:
+                e.block_manager.grow(added)  # keeps Status's pool size true (the leader does the accounting)
+            return added
+
+        added = await self._guard(context, asyncio.wrap_future(self.loop.call(reclaim)))
         return peer_pb2.ReclaimResponse(new_blocks=added, kv_blocks_total=e.kv_cache.num_blocks)
 
     async def Collect(self, request: peer_pb2.CollectRequest, context: grpc.aio.ServicerContext

@@ -213,11 +213,10 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
 
     async def _home_blocks(self) -> int | None:
         m = self.member
-        if m is None or m.leader is None:
+        if m is None:
             return None
-        leader = m.leader
         try:
-            return await asyncio.wrap_future(self.loop.call(lambda: leader.home_blocks_needed(self.agent_id)))
+            return await asyncio.wrap_future(self.loop.call(m.home_blocks_needed))
         except EngineStoppedError:
             return None
 

@@ -11,6 +11,8 @@ override them.
                                   spec.gateway.apiKeySecretRef wins); authentication is off without either
     KUNSERVE_RESYNC_SECONDS       how often every pool's workloads are re-applied (repairs drift such as a
                                   deleted Deployment); default 60
+    KUNSERVE_PLAN_SECONDS         how often each pool's pressure is planned on (drop / restore); default 2
+    KUNSERVE_STALE_SECONDS        an agent whose pressure is older than this is stale; default 5
 """
 
 from __future__ import annotations
@@ -38,6 +40,11 @@ class OperatorConfig:
     redis_url: str = DEFAULT_REDIS_URL
     gateway_api_keys: SecretKeyRef | None = None
     resync_interval_s: float = 60.0
+    plan_interval_s: float = 2.0  # the pressure daemon's round
+    stale_after_s: float = 5.0  # an agent silent for longer is stale (no new group, no restore of its group)
+    pressure_interval_ms: int = 500  # asked of every agent's WatchPressure stream
+    rpc_timeout_s: float = 10.0  # Status, Prepare and Abort deadlines
+    commit_timeout_s: float = 300.0  # the leader's Commit deadline
 
     @property
     def effective_gateway_image(self) -> str:
@@ -58,6 +65,10 @@ class OperatorConfig:
             values["gateway_api_keys"] = parse_secret_key_ref(env["KUNSERVE_GATEWAY_API_KEYS"])
         if env.get("KUNSERVE_RESYNC_SECONDS"):
             values["resync_interval_s"] = parse_seconds(env["KUNSERVE_RESYNC_SECONDS"])
+        if env.get("KUNSERVE_PLAN_SECONDS"):
+            values["plan_interval_s"] = parse_seconds(env["KUNSERVE_PLAN_SECONDS"], "plan interval")
+        if env.get("KUNSERVE_STALE_SECONDS"):
+            values["stale_after_s"] = parse_seconds(env["KUNSERVE_STALE_SECONDS"], "stale threshold")
         return cls(**values)  # type: ignore[arg-type]
 
     def replace(self, **changes: Any) -> OperatorConfig:
@@ -72,13 +83,13 @@ def parse_pull_policy(text: str) -> PullPolicy:
         raise ConfigError(f"image pull policy must be one of {[p.value for p in PullPolicy]}, got {text!r}") from None
 
 
-def parse_seconds(text: str) -> float:
+def parse_seconds(text: str, what: str = "resync interval") -> float:
     try:
         value = float(text)
     except ValueError:
         value = -1.0
     if not 0 < value < 86400:
-        raise ConfigError(f"resync interval must be a number of seconds in (0, 86400), got {text!r}")
+        raise ConfigError(f"{what} must be a number of seconds in (0, 86400), got {text!r}")
     return value
 
 

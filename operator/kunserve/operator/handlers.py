@@ -22,12 +22,13 @@ none), and leaves alone an object of the same name that this pool does not own. 
 the operator is gone waits for it; `kubectl patch kpool NAME --type merge -p '{"metadata":{"finalizers":null}}'`
 releases it and the garbage collector does the rest.
 
-Slots for the rest of issue 4 (they need the agents' Agent RPCs), each a `register_*(registry, ctx)` called
-from `register` with the same `OperatorContext`:
-- pressure daemon: `@kopf.daemon` per ServingPool — pressure collector → planner (`planner.py`,
-  `pool_spec.Elasticity.to_planner()`) → creates a Reconfiguration;
-- Reconfiguration handler: `@kopf.on.create` / resume of reconfigurations → the executor (Prepare → Commit
-  or Abort), which owns the pool's epoch / groups / Reconfiguring condition (see pool_status.py).
+Elasticity (each a `register_*(registry, ctx)` called from `register` with the same `OperatorContext`, whose
+`runtime` (kube_runtime.Runtime: API, Redis, agent clients) is made at startup and closed at cleanup):
+- pressure daemon (pressure_handlers.py): `@kopf.daemon` per ServingPool — pressure collector → planner →
+  creates a Reconfiguration (pressure_daemon.py);
+- Reconfiguration handler (reconfiguration_handlers.py): `@kopf.on.create` / resume of reconfigurations → the
+  executor (Prepare → Commit or Abort), which owns the pool's epoch / groups / Reconfiguring condition (see
+  pool_status.py) and writes the topology to Redis (kube_runtime.py).
 """
 
 from __future__ import annotations
@@ -42,9 +43,12 @@ import kopf
 
 from kunserve.operator.config import OperatorConfig
 from kunserve.operator.kube import KopfKubeApi, KubeApi, KubeApiError
+from kunserve.operator.kube_runtime import EndpointResolver, Runtime, dns_endpoint
 from kunserve.operator.naming import LABEL_MANAGED_BY, LABEL_POOL, MANAGER
 from kunserve.operator.pool_spec import GROUP, PLURAL, VERSION
+from kunserve.operator.pressure_handlers import register_pressure
 from kunserve.operator.reconcile import StatusConflictError, delete_pool_children, reconcile_pool, refresh_pool_status
+from kunserve.operator.reconfiguration_handlers import register_reconfiguration
 
 SERVINGPOOL = (GROUP, VERSION, PLURAL)
 ANNOTATION_PREFIX = "operator.kunserve.io"
@@ -58,12 +62,20 @@ class OperatorContext:
 
     config: OperatorConfig
     api: KubeApi | None = None
+    agent_endpoint: EndpointResolver = dns_endpoint  # where a pool's agent serves gRPC (tests point it elsewhere)
+    rt: Runtime | None = None
 
     @property
     def kube(self) -> KubeApi:
         if self.api is None:
             raise RuntimeError("the operator has not started (no KubeApi yet)")
         return self.api
+
+    @property
+    def runtime(self) -> Runtime:
+        if self.rt is None:
+            raise RuntimeError("the operator has not started (no runtime yet)")
+        return self.rt
 
 
 def configure_settings(settings: kopf.OperatorSettings) -> None:
@@ -100,6 +112,13 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> Operato
     async def startup(*, settings: kopf.OperatorSettings, **_: Any) -> None:
         configure_settings(settings)
         ctx.api = KopfKubeApi(settings)
+        ctx.rt = Runtime.create(ctx.config, ctx.api, ctx.agent_endpoint)
+
+    @kopf.on.cleanup(registry=registry, id="kunserve-cleanup")
+    async def cleanup(**_: Any) -> None:
+        if ctx.rt is not None:
+            await ctx.rt.close()
+            ctx.rt = None
 
     @kopf.on.resume(*SERVINGPOOL, registry=registry, id="reconcile-resume", backoff=RETRY_DELAY_S)
     @kopf.on.create(*SERVINGPOOL, registry=registry, id="reconcile-create", backoff=RETRY_DELAY_S)
@@ -136,7 +155,6 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> Operato
         except (KubeApiError, StatusConflictError) as exc:
             logger.warning("could not refresh the status of pool %s: %s", labels[LABEL_POOL], exc)
 
-    # Next (issue 4, once the agents serve Agent.WatchPressure / Prepare / Commit / Abort):
-    #   register_pressure(registry, ctx)         # kunserve/operator/pressure_handlers.py
-    #   register_reconfiguration(registry, ctx)  # kunserve/operator/reconfiguration_handlers.py
+    register_pressure(registry, ctx)
+    register_reconfiguration(registry, ctx)
     return ctx

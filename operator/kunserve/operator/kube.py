@@ -27,6 +27,7 @@ from kunserve.operator.naming import MANAGER
 from kunserve.operator.pool_spec import API_VERSION, KIND, PLURAL
 
 Body = dict[str, Any]
+BodyList = list[Body]  # (an alias: `list` is also a method name below)
 
 
 @dataclass(slots=True, frozen=True)
@@ -95,6 +96,10 @@ class KubeApi(Protocol):
 
     async def delete(self, kind: ResourceKind, namespace: str, name: str) -> bool: ...
 
+    async def list(self, kind: ResourceKind, namespace: str) -> BodyList: ...
+
+    async def create(self, manifest: Mapping[str, Any]) -> Body: ...
+
 
 class KopfKubeApi:
     """KubeApi over kopf's authenticated client; only usable inside the running operator's handlers."""
@@ -135,6 +140,16 @@ class KopfKubeApi:
                     subresource: str | None = None) -> Body:
         return await self._request("patch", kind.path(namespace, name, subresource), dict(patch),
                                    "application/merge-patch+json")
+
+    async def list(self, kind: ResourceKind, namespace: str) -> BodyList:
+        """Every object of kind in namespace."""
+        items = (await self._request("get", kind.path(namespace))).get("items") or []
+        return [item for item in items if isinstance(item, dict)]
+
+    async def create(self, manifest: Mapping[str, Any]) -> Body:
+        """POST a new object; Conflict when one of that name exists (unlike apply, never overwrites)."""
+        meta = manifest["metadata"]
+        return await self._request("post", kind_of(manifest).path(meta["namespace"]), dict(manifest))
 
     async def delete(self, kind: ResourceKind, namespace: str, name: str) -> bool:
         """Deletes (dependents in the background); False when it was already gone."""

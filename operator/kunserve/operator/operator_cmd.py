@@ -48,6 +48,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="default API key Secret of the gateways [$KUNSERVE_GATEWAY_API_KEYS]")
     p.add_argument("--resync-seconds", type=float, default=None, metavar="S",
                    help="re-apply every pool's workloads this often [$KUNSERVE_RESYNC_SECONDS, 60]")
+    p.add_argument("--plan-seconds", type=float, default=None, metavar="S",
+                   help="how often each pool's pressure is planned on [$KUNSERVE_PLAN_SECONDS, 2]")
+    p.add_argument("--stale-seconds", type=float, default=None, metavar="S",
+                   help="an agent silent for this long is stale [$KUNSERVE_STALE_SECONDS, 5]")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--log-format", choices=("plain", "full", "json"), default="full")
 
@@ -62,6 +66,10 @@ def build_config(args: argparse.Namespace, env: dict[str, str] | None = None) ->
         redis_url=args.redis,
         gateway_api_keys=parse_secret_key_ref(args.gateway_api_keys) if args.gateway_api_keys else None,
         resync_interval_s=parse_seconds(str(args.resync_seconds)) if args.resync_seconds is not None else None,
+        plan_interval_s=parse_seconds(str(args.plan_seconds), "plan interval") if args.plan_seconds is not None
+        else None,
+        stale_after_s=parse_seconds(str(args.stale_seconds), "stale threshold") if args.stale_seconds is not None
+        else None,
     )
 
 
@@ -93,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
     registry = kopf.get_default_registry()
     register(registry, config)
     scope = f"namespaces {', '.join(args.namespace)}" if args.namespace else "all namespaces"
-    log.info("KunServe operator for %s (agent image %s, redis %s)", scope, config.agent_image, config.redis_url)
+    log.info("KunServe operator for %s (agent image %s, redis %s, planning every %ss)", scope, config.agent_image,
+             config.redis_url, config.plan_interval_s)
     kopf.run(registry=registry, **kopf_run_options(args))
     return 0
