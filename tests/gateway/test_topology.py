@@ -43,6 +43,13 @@ def test_the_document_round_trips_and_routes_to_group_entries() -> None:
     assert [r.id for r in topo.routable()] == ["agent-0", "agent-1"]  # agent-2 is reached through agent-1
     assert json.loads(topo.to_json()) == DOC
     assert Topology.from_json(topo.to_json()) == topo
+
+
+def test_every_member_marked_entry_takes_requests() -> None:
+    """The operator marks every member of a group entry: each forwards to its leader and keeps the stream."""
+    doc = json.loads(json.dumps(DOC))
+    doc["replicas"][2]["entry"] = True
+    assert [r.id for r in Topology.from_dict(doc).routable()] == ["agent-0", "agent-1", "agent-2"]
     assert topology_key("demo") == "kunserve:topology:demo"
     assert events_channel("demo") == "kunserve:topology:demo:events"
 

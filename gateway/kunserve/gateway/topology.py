@@ -26,7 +26,8 @@ The document
                                        # "stage": one pipeline stage of a group
          "stage": null,                # stage index inside its group (0 = first), or null
          "layer_start": 0, "layer_end": 30,   # decoder layers held, [start, end)
-         "entry": true},               # takes requests: a standalone replica, or its group's entry stage
+         "entry": true},               # takes requests: a standalone replica, or a member of a group that
+                                       # accepts them (it forwards them to its leader, keeps the stream)
         ...
       ],
       "groups": [
@@ -35,8 +36,10 @@ The document
       "updated_at": 1764079200.5       # unix seconds of the write
     }
 
-Routing rule: requests go to standalone replicas (``group`` null) and to the entry member of each group;
-the other members of a group are pipeline stages reached only through the entry.
+Routing rule: requests go to every replica marked ``entry`` and to each group's entry member (its leader,
+stage 0). The operator marks every member of a group ``entry``: a member forwards what it gets to its
+leader and keeps the client's stream, so the requests — and their KV once the group splits — stay spread
+over the members. A member marked ``entry: false`` is a pipeline stage reached only through the entry.
 
 This module is pure (no I/O): the dataclasses, JSON (de)serialisation, validation, and the static
 topology formats a gateway accepts when there is no operator (``agent-0=host:port,agent-1=host:port`` or
@@ -103,9 +106,9 @@ class Topology:
     updated_at: float = field(default=0.0)
 
     def routable(self) -> list[ReplicaSpec]:
-        """Replicas that take requests: standalone replicas and each group's entry member."""
+        """Replicas that take requests: those marked entry, and each group's entry member."""
         entries = {g.entry for g in self.groups}
-        return [r for r in self.replicas if (r.group is None and r.entry) or r.id in entries]
+        return [r for r in self.replicas if r.entry or r.id in entries]
 
     def replica(self, replica_id: str) -> ReplicaSpec | None:
         return next((r for r in self.replicas if r.id == replica_id), None)
