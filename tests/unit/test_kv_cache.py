@@ -46,6 +46,8 @@ def test_round_trip_single_segment() -> None:
     c = _cache()
     c.add_blocks(3)
     slots = torch.tensor([0, 5, 11, 6, 3])
+    before3 = [t.clone() for t in c.gather(3, torch.arange(12))]
+    before5 = c.gather(5, torch.tensor([1, 2, 4]))[0].clone()
     k, v = _kv(5, 0)
     c.write(5, slots, k, v)
     gk, gv = c.gather(5, slots)
@@ -53,11 +55,12 @@ def test_round_trip_single_segment() -> None:
     # Another order, a subset, and a repeated slot.
     gk, gv = c.gather(5, torch.tensor([3, 0, 3]))
     assert torch.equal(gk, k[[4, 0, 4]]) and torch.equal(gv, v[[4, 0, 4]])
-    # The other layer and unwritten slots are untouched zeros.
-    zk, zv = c.gather(3, slots)
-    assert torch.count_nonzero(zk) == 0 and torch.count_nonzero(zv) == 0
-    uk, _ = c.gather(5, torch.tensor([1, 2, 4]))
-    assert torch.count_nonzero(uk) == 0
+    # The other layer and unwritten slots are untouched; block 0 (what padded reads point at) is zeros.
+    after3 = c.gather(3, torch.arange(12))
+    assert all(torch.equal(a, b) for a, b in zip(before3, after3, strict=True))
+    assert torch.equal(c.gather(5, torch.tensor([1, 2, 4]))[0], before5)
+    assert torch.count_nonzero(c.gather(3, torch.arange(4))[0]) == 0
+    assert torch.count_nonzero(c.gather(5, torch.tensor([1, 2]))[1]) == 0
     # Physical placement: slot 5 is block 1, offset 1 in layer 5's slab.
     assert torch.equal(c.segments[0].slabs[5][0, 1, 1], k[1])
     assert torch.equal(c.segments[0].slabs[5][1, 2, 3], v[2])
@@ -68,6 +71,7 @@ def test_round_trip_across_segments() -> None:
     c.add_blocks(3)  # slots 0..11
     c.add_blocks(2)  # slots 12..19
     slots = torch.tensor([19, 1, 12, 11, 7, 16, 0])
+    other = c.gather(5, slots)[0].clone()
     k, v = _kv(len(slots), 1)
     c.write(3, slots, k, v)
     gk, gv = c.gather(3, slots)
@@ -80,8 +84,7 @@ def test_round_trip_across_segments() -> None:
     assert torch.equal(seg.slabs[3][0, 1, 3], k[0])  # slot 19 = block 4 -> local block 1, offset 3
     assert torch.equal(seg.slabs[3][1, 0, 0], v[2])  # slot 12 = block 3 -> local block 0, offset 0
     assert torch.equal(c.segments[0].slabs[3][0, 2, 3], k[3])  # slot 11 in the first segment
-    zk, _ = c.gather(5, slots)
-    assert torch.count_nonzero(zk) == 0
+    assert torch.equal(c.gather(5, slots)[0], other)  # the other layer is untouched
 
 
 def test_write_only_into_one_segment_of_several_and_three_segments() -> None:

@@ -62,6 +62,8 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "pipeline-depth": (int, 2, "micro-batches in flight while leading a cooperative group"),
     "kv-exchange-bytes": (parse_size, 8 << 20, "KV bytes one exchange step moves at most (the bound per step)"),
     "rpc-timeout": (float, 30.0, "deadline in seconds of every call between agents"),
+    "preemption-mode": (str, "recompute", "recompute | swap (baseline: KV to host memory, PCIe modelled)"),
+    "swap-bandwidth": (parse_size, 16 * 1000**3, "modelled host link bytes/s for --preemption-mode swap"),
 }
 
 
@@ -134,6 +136,14 @@ async def _serve(s: dict[str, Any]) -> int:
     except (KunServeError, ValueError) as exc:
         print(f"kunserve agent: {exc}", file=sys.stderr)
         return 1
+    if s["preemption-mode"] not in ("recompute", "swap"):
+        print(f"kunserve agent: --preemption-mode must be recompute or swap, not {s['preemption-mode']!r}",
+              file=sys.stderr)
+        return 1
+    if s["preemption-mode"] == "swap":
+        from kunserve.agent.engine.swap import enable_swap
+
+        enable_swap(engine, float(s["swap-bandwidth"]))
     metrics = AgentMetrics(engine, s["model-name"])
     loop = EngineLoop(engine, observer=metrics.observe)
     loop.start()
@@ -157,6 +167,11 @@ async def _serve(s: dict[str, Any]) -> int:
     agent_servicer = AgentServicer(loop, s["agent-id"], s["model-name"], member)
     agent_pb2_grpc.add_AgentServicer_to_server(agent_servicer, server)
     peer_pb2_grpc.add_PeerServicer_to_server(PeerServicer(loop, member), server)
+    from kunserve.agent.migrate import MigrationServicer
+    from kunserve.rpc.v1 import migration_pb2_grpc
+
+    migration = MigrationServicer(loop, endpoint, s["rpc-timeout"])
+    migration_pb2_grpc.add_MigrationServicer_to_server(migration, server)
     await server.start()
     metrics_port = -1
     if s["metrics-port"] >= 0:
@@ -177,5 +192,6 @@ async def _serve(s: dict[str, Any]) -> int:
     log.info("agent %s stopping", s["agent-id"])
     agent_servicer.close()
     await server.stop(grace=5)
+    await migration.close()
     loop.stop()
     return 0

@@ -19,7 +19,7 @@ import torch
 
 from kunserve.agent.engine.llm_engine import LLMEngine
 from kunserve.agent.errors import KunServeError, PoolError
-from kunserve.agent.model.llama import DecoderLayer, RMSNorm, _linear
+from kunserve.agent.model.llama import DecoderLayer, RMSNorm, _linear, empty_embedding
 from kunserve.agent.model.loader import copy_weights, weight_bytes
 from kunserve.agent.weights import WeightSource
 
@@ -136,7 +136,7 @@ class LayerStore:
         model, cfg = self.engine.model, self.engine.model_config
         h, vocab, tied = cfg.hidden_size, cfg.vocab_size, cfg.tie_word_embeddings
         if model.embed_tokens is None:
-            model.embed_tokens = torch.nn.Embedding(vocab, h, dtype=model.dtype, device=model.device)
+            model.embed_tokens = empty_embedding(vocab, h, model.dtype, model.device)
             model.embed_tokens.requires_grad_(False)
             if tied and model.lm_head is not None:
                 model.embed_tokens.weight = model.lm_head.weight  # the head kept the shared matrix

@@ -481,6 +481,7 @@ class Member:
     async def _commit_restore(self, p: Prepared) -> list[agent_pb2.MemberResult]:
         leader = self.leader
         assert leader is not None and self.role is Role.LEADER
+        t0 = time.perf_counter()
         await self._on_engine(lambda: setattr(leader, "draining", True))
         deadline = time.monotonic() + self.rpc_timeout_s
         while not await self._on_engine(lambda: leader.idle):
@@ -489,6 +490,7 @@ class Member:
                 raise ReconfigurationError(grpc.StatusCode.ABORTED, "the group did not drain its micro-batches")
             await asyncio.sleep(0.002)
         plan = await self._on_engine(self._restore_plan)
+        t1 = time.perf_counter()
         try:
             await asyncio.gather(
                 self.collect(p.epoch, plan.get(self.agent_id, [])),
@@ -498,9 +500,12 @@ class Member:
             self.collected = []
             await self._on_engine(lambda: self._resume_group(leader))
             raise ReconfigurationError(grpc.StatusCode.ABORTED, f"restore of epoch {p.epoch} aborted: {exc}") from exc
+        t2 = time.perf_counter()
         results = await asyncio.gather(
             self.split(p.epoch), *(self._peer(s.endpoint).Split(peer_pb2.SplitRequest(epoch=p.epoch),
                                                                 timeout=self.rpc_timeout_s) for s in p.stages[1:]))
+        log.info("restore of epoch %d: drain %.0f ms, collect %.0f ms, split %.0f ms", p.epoch, (t1 - t0) * 1e3,
+                 (t2 - t1) * 1e3, (time.perf_counter() - t2) * 1e3)
         return [results[0], *(r.result for r in results[1:])]
 
     def _resume_group(self, leader: GroupLeader) -> None:
@@ -586,9 +591,13 @@ class Member:
                     if sink is not None:
                         sink(HANDED_BACK)
         self.store.install(weights)
+        t1 = time.perf_counter()
         e.reset_pool(e.initial_num_blocks)
+        t2 = time.perf_counter()
         for moved in self.collected:
             adopt_request(e, moved)
+        log.info("split: weights %.0f ms, pool %.0f ms, %d requests back %.0f ms", (t1 - t0) * 1e3,
+                 (t2 - t1) * 1e3, len(self.collected), (time.perf_counter() - t2) * 1e3)
         moved_n, self.collected = len(self.collected), []
         self._leave_group()
         self.last_restore_s = time.perf_counter() - t0

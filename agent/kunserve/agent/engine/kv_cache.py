@@ -60,10 +60,13 @@ class KVCache:
             raise PoolError(f"cannot grow the KV pool by {n} blocks")
         first = self.num_blocks
         shape = (2, n, self.block_size, self.num_kv_heads, self.head_dim)
-        # Only the first segment is zeroed: padded attention reads point at slot 0 and must stay finite; every
-        # other slot is written before it is read, so growth (a drop) does not pay for a memset.
-        alloc = torch.zeros if first == 0 else torch.empty
-        slabs = {layer: alloc(shape, dtype=self.dtype, device=self.device) for layer in self.layer_ids}
+        # Uninitialised: every slot is written before it is read, except block 0, which padded attention
+        # reads point at (masked, but it must hold finite numbers), so only it is zeroed. A pool of
+        # gigabytes does not pay for a memset (it showed in drop and restore times).
+        slabs = {layer: torch.empty(shape, dtype=self.dtype, device=self.device) for layer in self.layer_ids}
+        if first == 0:
+            for slab in slabs.values():
+                slab[:, 0].zero_()
         # A new list, not an append: threads serving remote attention may be iterating the old one.
         self.segments = [*self.segments, _Segment(first, n, slabs)]
         return range(first, first + n)

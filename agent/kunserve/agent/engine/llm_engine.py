@@ -192,6 +192,7 @@ class LLMEngine:
         caller has moved their KV out first). Used when a group splits back into replicas."""
         cfg = self.model_config
         self._requests.clear()
+        self.kv_cache.segments = []  # release the old pages before the new ones are allocated
         self.kv_cache = KVCache(self.model.held_layers(), cfg.num_key_value_heads, cfg.head_dim,
                                 self.config.block_size, self.dtype, self.device)
         self.kv_cache.add_blocks(num_blocks)

@@ -246,8 +246,9 @@ class MemberResult(_message.Message):
     agent_id: _builtins.str
     """The member agent."""
     layer_start: _builtins.int
-    """Layers it holds now: [layer_start, layer_end)."""
+    """First decoder layer it holds now."""
     layer_end: _builtins.int
+    """One past the last decoder layer it holds now."""
     kv_blocks_total: _builtins.int
     """Blocks in its KV pool now."""
     seconds: _builtins.float

@@ -71,6 +71,7 @@ class StageSeq(_message.Message):
     SAMPLING_FIELD_NUMBER: _builtins.int
     OUTPUT_INDEX_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
+    """The request's id."""
     start: _builtins.int
     """First position this micro-batch computes."""
     num_tokens: _builtins.int
@@ -204,7 +205,9 @@ class AttentionSeq(_message.Message):
     START_FIELD_NUMBER: _builtins.int
     NUM_TOKENS_FIELD_NUMBER: _builtins.int
     start: _builtins.int
+    """First position computed."""
     num_tokens: _builtins.int
+    """Positions computed: [start, start + num_tokens)."""
     @_builtins.property
     def block_table(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Its blocks on the agent answering (the one holding its KV)."""
@@ -237,7 +240,9 @@ class RemoteAttentionRequest(_message.Message):
     K_FIELD_NUMBER: _builtins.int
     V_FIELD_NUMBER: _builtins.int
     epoch: _builtins.int
+    """The group's epoch; other epochs are refused (FAILED_PRECONDITION)."""
     layer: _builtins.int
+    """The decoder layer whose pages are appended to and attended over."""
     @_builtins.property
     def seqs(self) -> _containers.RepeatedCompositeFieldContainer[Global___AttentionSeq]:
         """Requests; rows of q/k/v follow this order, decodes first."""
@@ -253,7 +258,9 @@ class RemoteAttentionRequest(_message.Message):
         """
 
     @_builtins.property
-    def v(self) -> _tensor_pb2.Tensor: ...
+    def v(self) -> _tensor_pb2.Tensor:
+        """[rows, kv_heads, head_dim] values, appended with the keys."""
+
     def __init__(
         self,
         *,
@@ -310,7 +317,9 @@ class ImportKVRequest(_message.Message):
     NUM_TOKENS_FIELD_NUMBER: _builtins.int
     LAYERS_FIELD_NUMBER: _builtins.int
     epoch: _builtins.int
+    """The group's epoch."""
     request_id: _builtins.str
+    """The request whose KV moves (for logs and errors)."""
     source: _builtins.str
     """host:port of the agent holding the KV now."""
     num_tokens: _builtins.int
@@ -383,6 +392,7 @@ class HandedRequest(_message.Message):
     OWNER_FIELD_NUMBER: _builtins.int
     AGE_S_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
+    """The request's id (unchanged across agents)."""
     num_computed_tokens: _builtins.int
     """Positions whose KV is computed."""
     owner: _builtins.str
@@ -390,11 +400,17 @@ class HandedRequest(_message.Message):
     age_s: _builtins.float
     """Seconds since it arrived (for TTFT accounting)."""
     @_builtins.property
-    def prompt_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def prompt_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Its prompt."""
+
     @_builtins.property
-    def output_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def output_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Tokens generated so far."""
+
     @_builtins.property
-    def sampling(self) -> _inference_pb2.SamplingParams: ...
+    def sampling(self) -> _inference_pb2.SamplingParams:
+        """Its sampling parameters."""
+
     @_builtins.property
     def block_table(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Its blocks on the agent that hands it over (empty if none computed)."""
@@ -458,7 +474,9 @@ class JoinResponse(_message.Message):
     the drop); later blocks hold only the layers kept.
     """
     @_builtins.property
-    def result(self) -> _agent_pb2.MemberResult: ...
+    def result(self) -> _agent_pb2.MemberResult:
+        """What the member did: layers kept, pool size, drop latency, requests handed."""
+
     @_builtins.property
     def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___HandedRequest]:
         """Its running and waiting requests, now the leader's to schedule."""
@@ -488,7 +506,9 @@ class ResumeRequest(_message.Message):
     EPOCH_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     epoch: _builtins.int
+    """The group's epoch."""
     request_id: _builtins.str
+    """The request handed over in Join."""
     def __init__(
         self,
         *,
@@ -505,10 +525,13 @@ Global___ResumeRequest: _TypeAlias = ResumeRequest  # noqa: Y015
 
 @_typing.final
 class ReclaimRequest(_message.Message):
+    """Reuse the pages of dropped layers (Peer.Reclaim)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     EPOCH_FIELD_NUMBER: _builtins.int
     epoch: _builtins.int
+    """The group's epoch."""
     def __init__(
         self,
         *,
@@ -524,6 +547,8 @@ Global___ReclaimRequest: _TypeAlias = ReclaimRequest  # noqa: Y015
 
 @_typing.final
 class ReclaimResponse(_message.Message):
+    """What a reclaim added."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     NEW_BLOCKS_FIELD_NUMBER: _builtins.int
@@ -558,7 +583,9 @@ class KVLocation(_message.Message):
     endpoint: _builtins.str
     """host:port of the agent holding them."""
     @_builtins.property
-    def layers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def layers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Decoder layers whose KV is there."""
+
     @_builtins.property
     def block_table(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """The request's blocks there."""
@@ -587,7 +614,9 @@ class CollectSeq(_message.Message):
     REQUEST_FIELD_NUMBER: _builtins.int
     LOCATIONS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def request(self) -> Global___HandedRequest: ...
+    def request(self) -> Global___HandedRequest:
+        """The request (tokens, sampling, positions computed, owner)."""
+
     @_builtins.property
     def locations(self) -> _containers.RepeatedCompositeFieldContainer[Global___KVLocation]:
         """Where each layer's KV is; together the locations cover every layer."""
@@ -608,11 +637,14 @@ Global___CollectSeq: _TypeAlias = CollectSeq  # noqa: Y015
 
 @_typing.final
 class CollectRequest(_message.Message):
+    """Restore step one for one member."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     EPOCH_FIELD_NUMBER: _builtins.int
     SEQS_FIELD_NUMBER: _builtins.int
     epoch: _builtins.int
+    """The epoch of the prepared restore."""
     @_builtins.property
     def seqs(self) -> _containers.RepeatedCompositeFieldContainer[Global___CollectSeq]:
         """The requests this member owns."""
@@ -633,6 +665,8 @@ Global___CollectRequest: _TypeAlias = CollectRequest  # noqa: Y015
 
 @_typing.final
 class CollectResponse(_message.Message):
+    """Result of Collect."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     BYTES_FIELD_NUMBER: _builtins.int
@@ -653,10 +687,13 @@ Global___CollectResponse: _TypeAlias = CollectResponse  # noqa: Y015
 
 @_typing.final
 class SplitRequest(_message.Message):
+    """Restore step two for one member."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     EPOCH_FIELD_NUMBER: _builtins.int
     epoch: _builtins.int
+    """The epoch of the prepared restore."""
     def __init__(
         self,
         *,
@@ -672,11 +709,15 @@ Global___SplitRequest: _TypeAlias = SplitRequest  # noqa: Y015
 
 @_typing.final
 class SplitResponse(_message.Message):
+    """Result of Split."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     RESULT_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def result(self) -> _agent_pb2.MemberResult: ...
+    def result(self) -> _agent_pb2.MemberResult:
+        """What the member did: every layer held, pool size, restore duration, requests back."""
+
     def __init__(
         self,
         *,
@@ -692,12 +733,16 @@ Global___SplitResponse: _TypeAlias = SplitResponse  # noqa: Y015
 
 @_typing.final
 class DisbandRequest(_message.Message):
+    """The group is gone; restore and serve alone."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     EPOCH_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     epoch: _builtins.int
+    """The group's epoch."""
     reason: _builtins.str
+    """Why (logged, and in the requests' error)."""
     def __init__(
         self,
         *,
@@ -714,6 +759,8 @@ Global___DisbandRequest: _TypeAlias = DisbandRequest  # noqa: Y015
 
 @_typing.final
 class DisbandResponse(_message.Message):
+    """Result of Disband."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     FAILED_REQUESTS_FIELD_NUMBER: _builtins.int
@@ -776,6 +823,7 @@ class PullKVRequest(_message.Message):
     chunk_bytes: _builtins.int
     """Bytes per chunk; 0 means the default (1 MiB)."""
     num_tokens: _builtins.int
+    """With block_table: positions [0, num_tokens) are read."""
     @_builtins.property
     def layers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Decoder layers whose KV to send; must be non-empty."""
