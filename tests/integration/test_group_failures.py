@@ -16,6 +16,7 @@ from tests.integration.agent_process import AgentProcess, start_agent
 from tests.integration.group_driver import Stream, even_ranges, reconfigure, status, wait_until
 
 GREEDY = inference_pb2.SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+LONG = inference_pb2.SamplingParams(max_tokens=600, temperature=0, ignore_eos=True)  # still running at the kill
 
 
 def _agents(model: Path, tmp: Path, n: int) -> list[AgentProcess]:
@@ -91,7 +92,7 @@ def test_a_member_lost_in_the_cooperative_phase_fails_requests_retryably(
         want = _serves(agents[0], "warm")
         reconfigure(agents, agent_pb2.ACTION_DROP, even_ranges(8, 2), epoch=1)
         survivor, victim = (agents[0], agents[1]) if lost == "stage" else (agents[1], agents[0])
-        streams = [Stream(survivor, f"r{i}", [5 + i, 6, 7, 8], GREEDY).start() for i in range(4)]
+        streams = [Stream(survivor, f"r{i}", [5 + i, 6, 7, 8], LONG).start() for i in range(4)]
         wait_until(lambda: all(len(s.tokens) >= 2 for s in streams), timeout=60)
         t0 = time.monotonic()
         _kill(victim)
