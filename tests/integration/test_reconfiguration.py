@@ -81,6 +81,11 @@ def run_drop_restore(model_dir: Path, workdir: Path, g: int, sampled: bool, max_
         assert [m.agent_id for m in drop.members] == [a.agent_id for a in agents]
         assert sum(m.requests_moved for m in drop.members) >= initial // 2
         assert all(s.role in (agent_pb2.ROLE_LEADER, agent_pb2.ROLE_STAGE) for s in map(status, agents))
+        assert _metric(agents[0], "kunserve_group_role", role="leader") == 1
+        assert _metric(agents[-1], "kunserve_group_role", role="stage") == 1
+        held = [_metric(a, "kunserve_layers_held") for a in agents]
+        assert held == [e - s for s, e in even_ranges(num_layers, g)]
+        assert _metric(agents[0], "kunserve_layers_dropped") == num_layers - held[0]
         decoding_at_drop = sum(bool(s.tokens) and not s.done.is_set() for s in streams)
         assert decoding_at_drop >= 1, "the drop must land while requests decode"
 
@@ -104,6 +109,12 @@ def run_drop_restore(model_dir: Path, workdir: Path, g: int, sampled: bool, max_
         # The mechanisms ran: remote attention for requests from before the drop, then their KV moved.
         assert sum(_metric(a, "kunserve_remote_attention_calls_total", side="made") for a in agents) > 0
         assert sum(_metric(a, "kunserve_kv_exchange_bytes_total") for a in agents) > 0
+        for a in agents:  # each agent's own account of what happened
+            assert _metric(a, "kunserve_drop_latency_seconds_count") == 1
+            assert _metric(a, "kunserve_restore_duration_seconds_count") == 1
+            assert _metric(a, "kunserve_group_epoch") == 2
+            assert _metric(a, "kunserve_group_role", role="replica") == 1
+            assert (_metric(a, "kunserve_layers_held"), _metric(a, "kunserve_layers_dropped")) == (num_layers, 0)
         prefilling = sum(m.requests_prefilling for m in drop.members)
         assert prefilling >= 1, "the drop must land while a long prompt is still prefilling"
         for a in agents:  # every block back, the pool at its replica size, every layer held
