@@ -9,6 +9,7 @@ request's tokens equal a single engine running it with no reconfiguration. No bl
 from __future__ import annotations
 
 import random
+import shutil
 import urllib.request
 from pathlib import Path
 
@@ -60,9 +61,14 @@ def _params(i: int, sampled: bool, max_tokens: int) -> tuple[inference_pb2.Sampl
 
 
 def run_drop_restore(model_dir: Path, workdir: Path, g: int, sampled: bool, max_tokens: int = 48,
-                     initial: int = 8, later: int = 4) -> None:
+                     initial: int = 8, later: int = 4, *flags: str, hide_weights: bool = False) -> None:
+    """hide_weights: once the agents loaded the checkpoint, its weights file is moved away, so a restore can
+    only succeed by pulling the dropped layers from the other members."""
     agents = [start_agent(model_dir, workdir / f"a{i}", "--agent-id", f"a{i}", "--num-kv-blocks", str(BLOCKS),
-                          "--max-num-batched-tokens", str(CHUNK)) for i in range(g)]
+                          "--max-num-batched-tokens", str(CHUNK), *flags) for i in range(g)]
+    weights = model_dir / "model.safetensors"
+    if hide_weights:
+        weights.rename(weights.with_suffix(".hidden"))
     try:
         num_layers = status(agents[0]).num_layers
         vocab = 500
@@ -99,6 +105,8 @@ def run_drop_restore(model_dir: Path, workdir: Path, g: int, sampled: bool, max_
         assert sum(m.requests_moved for m in restore.members) >= 2
         for s in streams:
             s.wait(180)
+        if hide_weights:
+            weights.with_suffix(".hidden").rename(weights)
 
         reference = _reference(model_dir, prompts, [p[1] for p in params])
         if not sampled:
@@ -135,7 +143,10 @@ def test_drop_and_restore_mid_generation_change_no_greedy_token(tiny_dir: Path, 
 
 
 def test_drop_and_restore_keep_seeded_sampling(tiny_dir: Path, tmp_path: Path) -> None:
-    run_drop_restore(tiny_dir, tmp_path, 2, sampled=True)
+    """Also: the restore pulls the dropped layers from the other member (the local checkpoint is gone)."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    run_drop_restore(model, tmp_path, 2, True, 48, 8, 4, "--restore-weights-from", "peers", hide_weights=True)
 
 
 @pytest.mark.slow

@@ -62,6 +62,7 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "pipeline-depth": (int, 2, "micro-batches in flight while leading a cooperative group"),
     "kv-exchange-bytes": (parse_size, 8 << 20, "KV bytes one exchange step moves at most (the bound per step)"),
     "rpc-timeout": (float, 30.0, "deadline in seconds of every call between agents"),
+    "restore-weights-from": (str, "checkpoint", "checkpoint (the local host copy) | peers (pull from the group)"),
     "preemption-mode": (str, "recompute", "recompute | swap (baseline: KV to host memory, PCIe modelled)"),
     "swap-bandwidth": (parse_size, 16 * 1000**3, "modelled host link bytes/s for --preemption-mode swap"),
 }
@@ -160,7 +161,7 @@ async def _serve(s: dict[str, Any]) -> int:
         return 1
     endpoint = f"{s['advertise-host'] or s['host']}:{port}"
     member = Member(loop, s["agent-id"], endpoint, rpc_timeout_s=s["rpc-timeout"], depth=s["pipeline-depth"],
-                    exchange_bytes=s["kv-exchange-bytes"])
+                    exchange_bytes=s["kv-exchange-bytes"], restore_from=s["restore-weights-from"])
     member.aio_loop = asyncio.get_running_loop()
     metrics.follow(member)
     inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(loop, member), server)

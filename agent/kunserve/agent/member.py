@@ -102,7 +102,13 @@ def check_stages(stages: tuple[StagePlan, ...], num_layers: int) -> str | None:
 
 class Member:
     def __init__(self, loop: EngineLoop, agent_id: str, endpoint: str, rpc_timeout_s: float = 30.0,
-                 stream_timeout_s: float = 24 * 3600.0, depth: int = 2, exchange_bytes: int = 8 << 20) -> None:
+                 stream_timeout_s: float = 24 * 3600.0, depth: int = 2, exchange_bytes: int = 8 << 20,
+                 restore_from: str = "checkpoint") -> None:
+        """restore_from: where a restore reads the layers this agent dropped: "checkpoint" (the local host
+        copy) or "peers" (pulled over the Peer service from the members that hold them)."""
+        if restore_from not in ("checkpoint", "peers"):
+            raise ValueError(f"restore_from must be checkpoint or peers, got {restore_from!r}")
+        self.restore_from = restore_from
         self.loop, self.engine = loop, loop.engine
         self.agent_id, self.endpoint = agent_id, endpoint
         self.rpc_timeout_s, self.stream_timeout_s = rpc_timeout_s, stream_timeout_s
@@ -189,11 +195,34 @@ class Member:
             weights = None
             if req.action == agent_pb2.ACTION_RESTORE:
                 names = await self._on_engine(self.store.missing_weight_names)
-                weights = await asyncio.to_thread(self.engine.checkpoint.read_weights, names)
+                read = self._pull_weights if self.restore_from == "peers" else self.engine.checkpoint.read_weights
+                try:
+                    weights = await asyncio.to_thread(read, names)
+                except (KunServeError, OSError) as exc:
+                    raise ReconfigurationError(fail, f"cannot read the weights to restore: {exc}") from exc
             self.prepared = Prepared(req.epoch, req.action, stages, weights)
             log.info("prepared epoch %d: %s %s", req.epoch, agent_pb2.Action.Name(req.action),
                      [(s.agent_id, s.start, s.end) for s in stages])
             return self._prepared_response(self.prepared)
+
+    def _pull_weights(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The named weights from the members holding them: a layer from its stage, the embedding from
+        stage 0, the final norm and LM head from the last stage."""
+        from kunserve.agent.peer import PeerWeightSource
+
+        by_stage: dict[int, list[str]] = {}
+        for name in names:
+            if name.startswith("layers."):
+                layer = int(name.split(".")[1])
+                at = next(i for i, s in enumerate(self.stages) if s.start <= layer < s.end)
+            else:
+                at = 0 if name.startswith("embed_tokens") else len(self.stages) - 1
+            by_stage.setdefault(at, []).append(name)
+        weights: dict[str, torch.Tensor] = {}
+        for at, wanted in by_stage.items():
+            source = PeerWeightSource(self.stages[at].endpoint, self.rpc_timeout_s)
+            weights.update(source.read_weights(wanted))
+        return weights
 
     def _prepared_response(self, p: Prepared) -> agent_pb2.PrepareResponse:
         if p.weights is not None:
