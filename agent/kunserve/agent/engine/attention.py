@@ -8,7 +8,7 @@ reads the whole context (earlier tokens and this step's) from the cache.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,15 @@ class AttentionMetadata:
     decode_slots: torch.Tensor  # [D, T_max] int64 context slots per decode (padding points at slot 0)
     decode_bias: torch.Tensor  # [D, 1, 1, T_max] float, 0 where valid and -inf on padding
     prefills: list[PrefillChunk]
+    _flat: torch.Tensor | None = field(default=None, repr=False)  # decode_slots_flat, made once
+
+    @property
+    def decode_slots_flat(self) -> torch.Tensor:
+        """decode_slots as [D*T_max], the same tensor object on every call (the cache splits it once)."""
+        flat = self._flat
+        if flat is None:
+            flat = self._flat = self.decode_slots.reshape(-1)
+        return flat
 
 
 @dataclass(slots=True, frozen=True)
@@ -122,7 +131,7 @@ def paged_attention(q: torch.Tensor, layer: int, meta: AttentionMetadata, cache:
     d = meta.num_decodes
     if d:
         t_max = meta.decode_slots.shape[1]
-        k, v = cache.gather(layer, meta.decode_slots.view(-1))  # [D*T, KVH, hd]
+        k, v = cache.gather(layer, meta.decode_slots_flat)  # [D*T, KVH, hd]
         k = k.view(d, t_max, kv_heads, head_dim).transpose(1, 2)  # [D, KVH, T, hd] (strided view, no copy)
         v = v.view(d, t_max, kv_heads, head_dim).transpose(1, 2)
         o = F.scaled_dot_product_attention(

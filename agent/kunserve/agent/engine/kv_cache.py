@@ -38,6 +38,8 @@ class KVCache:
         self.num_kv_heads, self.head_dim, self.block_size = num_kv_heads, head_dim, block_size
         self.dtype, self.device = dtype, device
         self.segments: list[_Segment] = []
+        self._splits: dict[int, tuple[torch.Tensor, list[_Segment], list[tuple[_Segment, torch.Tensor,
+                                                                               torch.Tensor]]]] = {}
 
     def set_held_layers(self, layer_ids: list[int]) -> None:
         """Layers that segments added from now on hold. Existing segments keep every slab they have, so a
@@ -149,8 +151,22 @@ class KVCache:
         return k, v
 
     def _split(self, slots: torch.Tensor) -> list[tuple[_Segment, torch.Tensor, torch.Tensor]]:
+        # Every layer of a step reads and writes the same slot tensors: split each one once. Entries keep
+        # the tensor itself, so an id cannot be reused while cached; a pool change invalidates them.
+        segments = self.segments
+        hit = self._splits.get(id(slots))
+        if hit is not None and hit[0] is slots and hit[1] is segments:
+            return hit[2]
+        out = self._split_now(slots, segments)
+        if len(self._splits) >= 16:
+            self._splits.pop(next(iter(self._splits)))
+        self._splits[id(slots)] = (slots, segments, out)
+        return out
+
+    def _split_now(self, slots: torch.Tensor, segments: list[_Segment]) -> list[tuple[_Segment, torch.Tensor,
+                                                                                     torch.Tensor]]:
         out = []
-        for seg in self.segments:
+        for seg in segments:
             lo, hi = seg.first_block * self.block_size, (seg.first_block + seg.num_blocks) * self.block_size
             sel = ((slots >= lo) & (slots < hi)).nonzero().squeeze(1)
             if sel.numel():
