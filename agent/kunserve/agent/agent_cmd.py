@@ -73,6 +73,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     for name, (typ, _default, help_text) in OPTIONS.items():
         p.add_argument(f"--{name}", type=typ, default=None, help=help_text)
     p.add_argument("--log-level", default="INFO")
+    from kunserve.rpc.tls import add_tls_arguments
+
+    add_tls_arguments(p, server=True)
 
 
 def resolve(args: argparse.Namespace) -> dict[str, Any]:
@@ -104,6 +107,15 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = resolve(args)
+    from kunserve.rpc.tls import TlsError, TlsFiles
+
+    try:
+        settings["tls"] = TlsFiles.from_args(args)
+        if settings["tls"] is not None:
+            settings["tls"].read()  # a bad file fails here, with the flag named, not at the first handshake
+    except TlsError as exc:
+        print(f"kunserve agent: {exc}", file=sys.stderr)
+        return 2
     try:
         return asyncio.run(_serve(settings))
     except KeyboardInterrupt:
@@ -114,6 +126,7 @@ async def _serve(s: dict[str, Any]) -> int:
     import grpc
     from prometheus_client import start_http_server
 
+    from kunserve.agent import channels
     from kunserve.agent.engine.config import EngineConfig
     from kunserve.agent.engine.llm_engine import LLMEngine
     from kunserve.agent.engine_loop import EngineLoop
@@ -123,6 +136,7 @@ async def _serve(s: dict[str, Any]) -> int:
     from kunserve.agent.peer import PeerServicer
     from kunserve.agent.service import AgentServicer, InferenceServicer
     from kunserve.rpc.tensors import grpc_channel_options
+    from kunserve.rpc.tls import add_port, describe
     from kunserve.rpc.v1 import agent_pb2_grpc, inference_pb2_grpc, peer_pb2_grpc
 
     config = EngineConfig(
@@ -154,7 +168,11 @@ async def _serve(s: dict[str, Any]) -> int:
         ("grpc.http2.max_ping_strikes", 0),
     ]
     server = grpc.aio.server(options=grpc_channel_options() + keepalive)
-    port = server.add_insecure_port(f"{s['host']}:{s['port']}")
+    channels.configure(s["tls"])  # the agent's own calls to its peers use the same files
+    try:
+        port = add_port(server, f"{s['host']}:{s['port']}", s["tls"])
+    except RuntimeError:
+        port = 0
     if port == 0:
         print(f"kunserve agent: cannot bind {s['host']}:{s['port']}", file=sys.stderr)
         loop.stop()
@@ -183,7 +201,8 @@ async def _serve(s: dict[str, Any]) -> int:
         tmp = Path(s["ready-file"] + ".tmp")
         tmp.write_text(json.dumps(ready))
         tmp.replace(s["ready-file"])
-    log.info("agent %s ready: grpc %s:%d, metrics %s, %d KV blocks", s["agent-id"], s["host"], port,
+    log.info("agent %s ready: grpc %s:%d (%s), metrics %s, %d KV blocks", s["agent-id"], s["host"], port,
+             describe(s["tls"]),
              f"{s['host']}:{metrics_port}/metrics" if metrics_port >= 0 else "off", engine.block_manager.num_blocks)
     stop = asyncio.Event()
     aio_loop = asyncio.get_running_loop()

@@ -14,6 +14,8 @@ from pathlib import Path
 import grpc
 
 from kunserve.rpc.tensors import grpc_channel_options
+from kunserve.rpc.tls import TlsFiles
+from kunserve.rpc.tls import channel as tls_channel
 
 REPO = Path(__file__).resolve().parents[3]  # a source checkout: agent/kunserve/agent/launch.py
 SOURCE_ROOTS = ":".join(str(REPO / r) for r in ("operator", "agent", "gateway", "proto"))
@@ -26,13 +28,14 @@ class AgentProcess:
     grpc_port: int
     metrics_port: int
     log_path: Path
+    tls: TlsFiles | None = None  # the agent serves TLS: this process's channels to it use the same files
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
     def channel(self) -> grpc.Channel:
-        return grpc.insecure_channel(self.target, options=grpc_channel_options())
+        return tls_channel(self.target, self.tls, grpc_channel_options())
 
     def stop(self, timeout: float = 15.0) -> int:
         if self.proc.poll() is None:
@@ -45,8 +48,12 @@ class AgentProcess:
         return self.proc.returncode
 
 
-def start_agent(model_dir: Path, workdir: Path, *extra: str, timeout: float = 60.0) -> AgentProcess:
-    """Launch an agent with free ports and wait (bounded) until it reports ready."""
+def start_agent(model_dir: Path, workdir: Path, *extra: str, timeout: float = 60.0,
+                tls: TlsFiles | None = None) -> AgentProcess:
+    """Launch an agent with free ports and wait (bounded) until it reports ready. tls: serve (and call its
+    peers) with these files."""
+    if tls is not None:
+        extra = (*extra, *tls_flags(tls))
     workdir.mkdir(parents=True, exist_ok=True)
     ready = workdir / "ready.json"
     ready.unlink(missing_ok=True)  # a ready file of an earlier run names stale ports
@@ -66,4 +73,13 @@ def start_agent(model_dir: Path, workdir: Path, *extra: str, timeout: float = 60
             raise TimeoutError(f"agent not ready after {timeout}s:\n{log_path.read_text()}")
         time.sleep(0.1)
     info = json.loads(ready.read_text())
-    return AgentProcess(proc, info["agent_id"], info["grpc_port"], info["metrics_port"], log_path)
+    return AgentProcess(proc, info["agent_id"], info["grpc_port"], info["metrics_port"], log_path, tls)
+
+
+def tls_flags(tls: TlsFiles) -> list[str]:
+    flags = []
+    for flag, value in (("--tls-cert", tls.cert), ("--tls-key", tls.key), ("--tls-ca", tls.ca),
+                        ("--tls-server-name", tls.server_name)):
+        if value is not None:
+            flags += [flag, str(value)]
+    return flags

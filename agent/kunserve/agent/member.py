@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 import grpc
 import torch
 
+from kunserve.agent import channels
 from kunserve.agent.engine.block_manager import BlockManager
 from kunserve.agent.engine.migration import MigratedRequest, adopt_request, read_kv_blocks, write_kv_blocks
 from kunserve.agent.engine.output import RequestState
@@ -38,7 +39,6 @@ from kunserve.agent.group import GroupLeader, GroupLostError, Stage
 from kunserve.agent.layer_store import LayerStore
 from kunserve.agent.stage import NO_STAGE, StageExecutor
 from kunserve.agent.transport import GrpcTransport, pull_kv_blocks, sampling_to_proto
-from kunserve.rpc.tensors import grpc_channel_options
 from kunserve.rpc.v1 import agent_pb2, agent_pb2_grpc, peer_pb2, peer_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ class Member:
         return next((i for i, s in enumerate(self.stages) if s.agent_id == self.agent_id), NO_STAGE)
 
     def _peer(self, endpoint: str) -> Any:
-        return peer_pb2_grpc.PeerStub(grpc.aio.insecure_channel(endpoint, options=grpc_channel_options()))
+        return peer_pb2_grpc.PeerStub(channels.aio(endpoint))
 
     @property
     def remote_attention_calls(self) -> int:
@@ -236,13 +236,13 @@ class Member:
 
     async def _check_peers(self, stages: tuple[StagePlan, ...], action: int) -> None:
         async def status(s: StagePlan) -> None:
-            async with grpc.aio.insecure_channel(s.endpoint, options=grpc_channel_options()) as ch:
-                try:
-                    st = await agent_pb2_grpc.AgentStub(ch).Status(agent_pb2.StatusRequest(), timeout=5.0)
-                except grpc.aio.AioRpcError as exc:
-                    raise ReconfigurationError(grpc.StatusCode.FAILED_PRECONDITION,
-                                               f"member {s.agent_id} at {s.endpoint} does not answer: "
-                                               f"{exc.code().name}") from exc
+            try:
+                st = await agent_pb2_grpc.AgentStub(channels.aio(s.endpoint)).Status(agent_pb2.StatusRequest(),
+                                                                                    timeout=5.0)
+            except grpc.aio.AioRpcError as exc:
+                raise ReconfigurationError(grpc.StatusCode.FAILED_PRECONDITION,
+                                           f"member {s.agent_id} at {s.endpoint} does not answer: "
+                                           f"{exc.code().name}") from exc
             if st.agent_id != s.agent_id or st.num_layers != self.engine.model_config.num_hidden_layers:
                 raise ReconfigurationError(grpc.StatusCode.FAILED_PRECONDITION,
                                            f"{s.endpoint} is agent {st.agent_id!r} with {st.num_layers} layers, "
@@ -436,8 +436,8 @@ class Member:
         while self.role is Role.STAGE and self.epoch == epoch:
             await asyncio.sleep(interval_s)
             try:
-                async with grpc.aio.insecure_channel(self.stages[0].endpoint, options=grpc_channel_options()) as ch:
-                    st = await agent_pb2_grpc.AgentStub(ch).Status(agent_pb2.StatusRequest(), timeout=interval_s * 2)
+                stub = agent_pb2_grpc.AgentStub(channels.aio(self.stages[0].endpoint))
+                st = await stub.Status(agent_pb2.StatusRequest(), timeout=interval_s * 2)
                 missed = 0 if st.epoch == epoch and st.role == agent_pb2.ROLE_LEADER else missed + 1
             except grpc.aio.AioRpcError:
                 missed += 1
@@ -489,7 +489,7 @@ class Member:
     def _inference(self, endpoint: str) -> Any:
         from kunserve.rpc.v1 import inference_pb2_grpc
 
-        return inference_pb2_grpc.InferenceStub(grpc.aio.insecure_channel(endpoint, options=grpc_channel_options()))
+        return inference_pb2_grpc.InferenceStub(channels.aio(endpoint))
 
     async def abort_relayed(self, request_id: str) -> None:
         """The client of a relayed request went away: stop following it and abort it at the leader."""

@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING
 import grpc
 import torch
 
+from kunserve.agent import channels
 from kunserve.agent.engine.migration import read_kv, read_kv_blocks
 from kunserve.agent.engine.output import RequestOutput
 from kunserve.agent.engine_loop import EngineLoop, EngineStoppedError, HandedBack
 from kunserve.agent.errors import InvalidRequestError, KunServeError
-from kunserve.rpc.tensors import assemble_chunks, grpc_channel_options, iter_chunks, tensor_from_proto, tensor_to_proto
+from kunserve.rpc.tensors import assemble_chunks, iter_chunks, tensor_from_proto, tensor_to_proto
 from kunserve.rpc.v1 import inference_pb2, peer_pb2, peer_pb2_grpc, tensor_pb2
 
 if TYPE_CHECKING:
@@ -233,21 +234,19 @@ class PeerWeightSource:
         self.target, self.timeout_s, self.device = target, timeout_s, device
 
     def read_weights(self, names: list[str]) -> dict[str, torch.Tensor]:
-        with grpc.insecure_channel(self.target, options=grpc_channel_options()) as channel:
-            stub = peer_pb2_grpc.PeerStub(channel)
-            try:
-                chunks = stub.PullWeights(peer_pb2.PullWeightsRequest(names=names), timeout=self.timeout_s)
-                return {k: v.to(self.device) for k, v in assemble_chunks(chunks).items()}
-            except grpc.RpcError as exc:
-                raise PeerError(f"pulling weights from {self.target}: {exc.code().name}: {exc.details()}") from exc
+        stub = peer_pb2_grpc.PeerStub(channels.sync(self.target))
+        try:
+            chunks = stub.PullWeights(peer_pb2.PullWeightsRequest(names=names), timeout=self.timeout_s)
+            return {k: v.to(self.device) for k, v in assemble_chunks(chunks).items()}
+        except grpc.RpcError as exc:
+            raise PeerError(f"pulling weights from {self.target}: {exc.code().name}: {exc.details()}") from exc
 
 
 def pull_kv(target: str, request_id: str, layers: list[int], timeout_s: float = 60.0) -> dict[int, torch.Tensor]:
     """A request's KV per layer from the agent that holds it: [2, tokens, kv_heads, head_dim] each."""
-    with grpc.insecure_channel(target, options=grpc_channel_options()) as channel:
-        stub = peer_pb2_grpc.PeerStub(channel)
-        try:
-            chunks = stub.PullKV(peer_pb2.PullKVRequest(request_id=request_id, layers=layers), timeout=timeout_s)
-            return {int(name.split(".")[1]): t for name, t in assemble_chunks(chunks).items()}
-        except grpc.RpcError as exc:
-            raise PeerError(f"pulling KV of {request_id} from {target}: {exc.code().name}: {exc.details()}") from exc
+    stub = peer_pb2_grpc.PeerStub(channels.sync(target))
+    try:
+        chunks = stub.PullKV(peer_pb2.PullKVRequest(request_id=request_id, layers=layers), timeout=timeout_s)
+        return {int(name.split(".")[1]): t for name, t in assemble_chunks(chunks).items()}
+    except grpc.RpcError as exc:
+        raise PeerError(f"pulling KV of {request_id} from {target}: {exc.code().name}: {exc.details()}") from exc

@@ -11,13 +11,13 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-import grpc
 import torch
 
+from kunserve.agent import channels
 from kunserve.agent.engine.attention import SeqSpan
 from kunserve.agent.engine.sequence import SamplingParams
 from kunserve.agent.stage import NO_STAGE, StageSeq
-from kunserve.rpc.tensors import grpc_channel_options, tensor_from_proto, tensor_to_proto
+from kunserve.rpc.tensors import tensor_from_proto, tensor_to_proto
 from kunserve.rpc.v1 import inference_pb2, peer_pb2, peer_pb2_grpc
 
 T = TypeVar("T")
@@ -80,13 +80,11 @@ class GrpcTransport:
 
     def __init__(self, epoch: int, endpoints: list[str], timeout_s: float = 30.0) -> None:
         self.epoch, self.endpoints, self.timeout_s = epoch, endpoints, timeout_s
-        self._channels = [grpc.insecure_channel(ep, options=grpc_channel_options()) for ep in endpoints]
-        self._stubs = [peer_pb2_grpc.PeerStub(c) for c in self._channels]
+        self._stubs = [peer_pb2_grpc.PeerStub(channels.sync(ep)) for ep in endpoints]
         self.remote_attention_calls = 0
 
     def close(self) -> None:
-        for channel in self._channels:
-            channel.close()
+        """Nothing to release: the channels are the agent's, shared and kept open (see channels.py)."""
 
     def forward(self, stage: int, batch_id: int, seqs: list[StageSeq], hidden: torch.Tensor) -> Future[list[int]]:
         req = peer_pb2.StageBatch(epoch=self.epoch, batch_id=batch_id, stage=stage,
@@ -120,11 +118,10 @@ def pull_kv_blocks(target: str, request_id: str, table: list[int], num_tokens: i
     """KV of positions [0, num_tokens) stored in `table` on `target`: {layer: [2, tokens, kv_heads, head_dim]}."""
     from kunserve.rpc.tensors import assemble_chunks
 
-    with grpc.insecure_channel(target, options=grpc_channel_options()) as channel:
-        stub = peer_pb2_grpc.PeerStub(channel)
-        req = peer_pb2.PullKVRequest(request_id=request_id, layers=layers, block_table=table, num_tokens=num_tokens)
-        chunks = stub.PullKV(req, timeout=timeout_s)
-        return {int(name.split(".")[1]): t for name, t in assemble_chunks(chunks).items()}
+    stub = peer_pb2_grpc.PeerStub(channels.sync(target))
+    req = peer_pb2.PullKVRequest(request_id=request_id, layers=layers, block_table=table, num_tokens=num_tokens)
+    chunks = stub.PullKV(req, timeout=timeout_s)
+    return {int(name.split(".")[1]): t for name, t in assemble_chunks(chunks).items()}
 
 
 __all__ = ["NO_STAGE", "GrpcTransport", "pull_kv_blocks", "sampling_to_proto", "spans_from_proto",
