@@ -42,7 +42,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
     tokenizer = Tokenizer(config.model_dir)
     info = ModelInfo.load(config.model_dir, config.max_model_len)
     metrics = GatewayMetrics(config.model_name)
-    registry = ReplicaRegistry(config.pressure_interval_ms, config.connect_timeout_s)
+    registry = ReplicaRegistry(config.pressure_interval_ms, config.connect_timeout_s, config.tls)
     router = Router(registry, config.max_queue, config.stale_after_s, config.retry_after_s)
     metrics.topology_gauges(lambda: registry.topology.epoch, lambda: sum(
         r.health(config.stale_after_s) is Health.UP for r in registry.routable()))

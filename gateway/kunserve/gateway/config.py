@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kunserve.gateway.topology import Topology
+from kunserve.rpc.tls import TlsFiles
 
 MiB = 1024 * 1024
 
@@ -37,6 +38,7 @@ class GatewayConfig:
     journal_flush_interval_s: float = 0.25
     retry_after_s: int = 1
     gateway_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    tls: TlsFiles | None = None  # TLS (mutual with a client certificate) to the agents; None: plaintext
 
     def __post_init__(self) -> None:
         if not self.model_name:

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from kunserve.gateway.config import GatewayConfig, MiB
+from kunserve.rpc.tls import TlsFiles
 
 log = logging.getLogger("kunserve.gateway")
 
@@ -46,12 +47,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pressure-interval-ms", type=int, default=200)
     p.add_argument("--ready-file", type=Path, default=None)
     p.add_argument("--log-level", default="INFO")
+    from kunserve.rpc.tls import add_tls_arguments
+
+    add_tls_arguments(p)
 
 
 def build_config(args: argparse.Namespace) -> GatewayConfig:
     from kunserve.gateway.auth import ApiKeyError, load_api_keys
     from kunserve.gateway.topology import TopologyError
     from kunserve.gateway.topology_source import load_static
+    from kunserve.rpc.tls import TlsError
 
     if not args.redis and not args.static_topology:
         raise SystemExit("kunserve gateway: give --redis (topology from the operator) or --static-topology")
@@ -64,9 +69,17 @@ def build_config(args: argparse.Namespace) -> GatewayConfig:
             host=args.host, port=args.port, api_keys=keys, static_topology=static,
             max_body_bytes=args.max_body_bytes, max_model_len=args.max_model_len,
             max_tokens_limit=args.max_tokens_limit, max_queue=args.max_queue, max_replays=args.max_replays,
-            request_timeout_s=args.request_timeout, pressure_interval_ms=args.pressure_interval_ms)
-    except (ApiKeyError, TopologyError, ValueError) as exc:
+            request_timeout_s=args.request_timeout, pressure_interval_ms=args.pressure_interval_ms,
+            tls=_tls(args))
+    except (ApiKeyError, TopologyError, TlsError, ValueError) as exc:
         raise SystemExit(f"kunserve gateway: {exc}") from exc
+
+
+def _tls(args: argparse.Namespace) -> TlsFiles | None:
+    files = TlsFiles.from_args(args)
+    if files is not None:
+        files.read()  # a bad file fails at start, with the flag named
+    return files
 
 
 def run(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ from enum import Enum
 import grpc
 
 from kunserve.gateway.topology import ReplicaSpec, Topology
+from kunserve.rpc.tls import TlsFiles, aio_channel
 from kunserve.rpc.v1 import agent_pb2, agent_pb2_grpc, inference_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,9 @@ class ReplicaState:
 class ReplicaRegistry:
     """Replica states for the current topology, reconciled on every topology change."""
 
-    def __init__(self, pressure_interval_ms: int = 200, connect_timeout_s: float = 5.0) -> None:
+    def __init__(self, pressure_interval_ms: int = 200, connect_timeout_s: float = 5.0,
+                 tls: TlsFiles | None = None) -> None:
+        self.tls = tls
         self.pressure_interval_ms = pressure_interval_ms
         self.connect_timeout_s = connect_timeout_s
         self.topology = Topology()
@@ -126,7 +129,7 @@ class ReplicaRegistry:
             if rid in self.replicas:
                 self.replicas[rid].spec = spec
             else:
-                channel = grpc.aio.insecure_channel(spec.endpoint, options=channel_options())
+                channel = aio_channel(spec.endpoint, self.tls, channel_options())
                 state = ReplicaState(spec, channel)
                 state.follower = asyncio.create_task(self._follow(state), name=f"pressure-{rid}")
                 self.replicas[rid] = state
