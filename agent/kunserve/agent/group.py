@@ -63,6 +63,20 @@ class GroupSeq:
     held_for: int = NO_STAGE  # kept out of micro-batches until its exchange step to this stage has run
 
 
+def group_seq(stages: list[Stage], owner: str, table: list[int] | None = None, kv_stage: int = NO_STAGE) -> GroupSeq:
+    """Where a request's KV is when it joins a group: nowhere yet (a new request: blocks on every stage), or
+    in `table` on stage kv_stage for every layer (a request from before the drop: the other stages' layers
+    are pending there until the KV exchange moves them)."""
+    n = len(stages)
+    g = GroupSeq(owner, [[] for _ in range(n)], [True] * n)
+    if table:
+        g.tables[kv_stage] = list(table)
+        g.active = [i == kv_stage for i in range(n)]
+        g.kv_stage = kv_stage
+        g.pending = {layer for s in stages if s.index != kv_stage for layer in range(s.start, s.end)}
+    return g
+
+
 class Transport(Protocol):
     """How the leader reaches the other stages (gRPC today; the seam for NCCL/RDMA)."""
 
@@ -171,14 +185,7 @@ class GroupLeader:
     # ---- requests --------------------------------------------------------------------------------------
     def track(self, seq: Sequence, owner: str, table: list[int] | None = None, kv_stage: int = NO_STAGE) -> None:
         """Register a request: new (no KV), or handed over with its KV in `table` on stage kv_stage."""
-        n = len(self.stages)
-        g = GroupSeq(owner, [[] for _ in range(n)], [True] * n)
-        if table:
-            g.tables[kv_stage] = list(table)
-            g.active = [i == kv_stage for i in range(n)]
-            g.kv_stage = kv_stage
-            g.pending = {layer for s in self.stages if s.index != kv_stage for layer in range(s.start, s.end)}
-        self.seqs[seq.request_id] = g
+        self.seqs[seq.request_id] = group_seq(self.stages, owner, table, kv_stage)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None,
                     owner: str) -> str:
