@@ -18,6 +18,7 @@ from kunserve.agent.engine.output import RequestOutput
 
 if TYPE_CHECKING:
     from kunserve.agent.member import Member
+    from kunserve.agent.member_base import MemberBase
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
                     10.0, 20.0, 40.0, 80.0)
@@ -114,7 +115,7 @@ class AgentMetrics:
         member.on_change = self._member_changed
         self.registry.register(_GroupCollector(member, self._model_name))
 
-    def _member_changed(self, member: Member) -> None:
+    def _member_changed(self, member: MemberBase) -> None:
         drop, restore = member.last_drop_s, member.last_restore_s
         if drop is not None and drop != self._seen[0]:
             self._drop.observe(drop)
