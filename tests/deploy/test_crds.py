@@ -72,6 +72,7 @@ PRESERVE_ALLOWED = {"servingpools": frozenset({"spec.affinity"}), "reconfigurati
 EXAMPLES = {
     "servingpool-smollm2.yaml": "servingpools",
     "servingpool-gpu.yaml": "servingpools",
+    "servingpool-autoscaling.yaml": "servingpools",
     "reconfiguration-drop.yaml": "reconfigurations",
     "reconfiguration-restore.yaml": "reconfigurations",
 }
@@ -96,6 +97,14 @@ EXPECTED_CEL = {
             "replica)",
         ),
         (
+            "spec",
+            "!has(self.autoscaling) || !has(self.autoscaling.targetDemand) || !has(self.elasticity) || "
+            "(has(self.elasticity.enabled) && !self.elasticity.enabled) || !has(self.elasticity.dropDemand) || "
+            "self.autoscaling.targetDemand < self.elasticity.dropDemand",
+            "autoscaling.targetDemand must be lower than elasticity.dropDemand: the pool is sized to carry its demand "
+            "without drops, and drops only bridge the minutes new replicas need to start",
+        ),
+        (
             "spec.model",
             "!has(self.source) || self.path == self.source.mountPath || "
             "self.path.startsWith(self.source.mountPath + '/')",
@@ -111,6 +120,11 @@ EXPECTED_CEL = {
             "!has(self.restoreDemand) || !has(self.dropDemand) || self.restoreDemand < self.dropDemand",
             "elasticity.restoreDemand must be lower than elasticity.dropDemand (hysteresis: a group restores "
             "only once demand has fallen well below the level that made it drop)",
+        ),
+        (
+            "spec.autoscaling",
+            "!has(self.minReplicas) || self.minReplicas <= self.maxReplicas",
+            "autoscaling.minReplicas must be <= autoscaling.maxReplicas",
         ),
     ],
     "reconfigurations": [
@@ -469,6 +483,8 @@ CEL_VIOLATIONS: list[tuple[str, str, Any, str]] = [
     ("servingpool-smollm2.yaml", "spec.model.source.hostPath", DELETE, "exactly one of pvc or hostPath"),
     ("servingpool-smollm2.yaml", "metadata.name", "a" * 41, "DNS-1035 label of at most 40"),
     ("servingpool-smollm2.yaml", "metadata.name", "2pool", "DNS-1035 label of at most 40"),
+    ("servingpool-autoscaling.yaml", "spec.autoscaling.minReplicas", 7, "minReplicas must be <= autoscaling.max"),
+    ("servingpool-autoscaling.yaml", "spec.autoscaling.targetDemand", 0.95, "targetDemand must be lower"),
     (
         "reconfiguration-drop.yaml",
         "spec.groups[0]",
@@ -630,6 +646,11 @@ SCHEMA_VIOLATIONS: list[tuple[str, str, Any, str]] = [
     ("servingpool-gpu.yaml", "spec.tolerations[0].operator", "Matches", "is not one of"),
     ("servingpool-smollm2.yaml", "spec.replica", 2, "Additional properties are not allowed ('replica'"),
     ("servingpool-smollm2.yaml", "spec.elasticity.dropDemmand", 0.8, "Additional properties are not allowed"),
+    ("servingpool-autoscaling.yaml", "spec.autoscaling.maxReplicas", DELETE, "'maxReplicas' is a required"),
+    ("servingpool-autoscaling.yaml", "spec.autoscaling.maxReplicas", 1025, "greater than the maximum of 1024"),
+    ("servingpool-autoscaling.yaml", "spec.autoscaling.targetDemand", 0, "less than or equal to the minimum of 0"),
+    ("servingpool-autoscaling.yaml", "spec.autoscaling.driver", "KEDA", "is not one of"),
+    ("servingpool-autoscaling.yaml", "spec.autoscaling.scaleDownStabilizationSeconds", -1, "less than the minimum"),
     ("servingpool-smollm2.yaml", "status.phase", "Running", "is not one of"),
     ("servingpool-smollm2.yaml", "status.epoch", -1, "less than the minimum of 0"),
     (

@@ -50,7 +50,8 @@ def test_the_gateway_accepts_the_document_with_every_group_member_an_entry() -> 
         ("a-1", "g1", Role.STAGE, 0, 0, 10, True),
         ("a-2", "g1", Role.STAGE, 1, 10, 30, True)]
     assert [(g.id, g.members, g.entry) for g in topo.groups] == [("g1", ("a-1", "a-2"), "a-1")]
-    assert [r.id for r in topo.routable()] == ["a-0", "a-1"]  # the group's leader and the lone replica
+    # Every member takes requests (it forwards them to the leader and keeps the stream), and the lone replica.
+    assert [r.id for r in topo.routable()] == ["a-0", "a-1", "a-2"]
 
     plain = Topology.from_dict(build_topology(epoch=0, model="m", replicas=REPLICAS, groups=[], num_layers=None,
                                               updated_at=0.0))

@@ -13,6 +13,8 @@ override them.
                                   deleted Deployment); default 60
     KUNSERVE_PLAN_SECONDS         how often each pool's pressure is planned on (drop / restore); default 2
     KUNSERVE_STALE_SECONDS        an agent whose pressure is older than this is stale; default 5
+    KUNSERVE_METRICS_PORT         serve the pools' autoscaling signals (kunserve_pool_*) on :PORT/metrics; off
+                                  when unset
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class OperatorConfig:
     pressure_interval_ms: int = 500  # asked of every agent's WatchPressure stream
     rpc_timeout_s: float = 10.0  # Status, Prepare and Abort deadlines
     commit_timeout_s: float = 300.0  # the leader's Commit deadline
+    metrics_port: int | None = None  # the pools' autoscaling signals on http://0.0.0.0:PORT/metrics
 
     @property
     def effective_gateway_image(self) -> str:
@@ -69,6 +72,8 @@ class OperatorConfig:
             values["plan_interval_s"] = parse_seconds(env["KUNSERVE_PLAN_SECONDS"], "plan interval")
         if env.get("KUNSERVE_STALE_SECONDS"):
             values["stale_after_s"] = parse_seconds(env["KUNSERVE_STALE_SECONDS"], "stale threshold")
+        if env.get("KUNSERVE_METRICS_PORT"):
+            values["metrics_port"] = parse_port(env["KUNSERVE_METRICS_PORT"])
         return cls(**values)  # type: ignore[arg-type]
 
     def replace(self, **changes: Any) -> OperatorConfig:
@@ -98,3 +103,13 @@ def parse_secret_key_ref(text: str) -> SecretKeyRef:
     if not sep or not name or not key:
         raise ConfigError(f"expected SECRET/KEY (e.g. kunserve-api-keys/keys), got {text!r}")
     return SecretKeyRef(name=name, key=key)
+
+
+def parse_port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 1 <= value <= 65535:
+        raise ConfigError(f"metrics port must be in [1, 65535], got {text!r}")
+    return value

@@ -19,10 +19,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from kunserve.operator.agent_client import AgentStatus
+from kunserve.operator.autoscale import AutoscalePolicy, ScaleDecision, ScaleState, step
 from kunserve.operator.cost_model import CostModel
 from kunserve.operator.naming import agent_pod_name
 from kunserve.operator.plan_types import PoolSpec, ReplicaPressure
-from kunserve.operator.planner import plan_drops, plan_restores
+from kunserve.operator.planner import plan_drops, plan_restores, split_back_demands
 from kunserve.operator.reconfig import Action, FormedGroup, GroupChange, ReconfigSpec, pressure_snapshot
 
 
@@ -74,6 +75,51 @@ def decide(pressures: Iterable[ReplicaPressure], groups: Sequence[FormedGroup], 
         r = restores[0]
         return Decision(Action.RESTORE, GroupChange(r.group_id, r.members, r.stages), r.reason, r.pressure), carried
     return None, carried
+
+
+@dataclass(slots=True, frozen=True)
+class Round:
+    """One control round: at most one reconfiguration, the autoscaler's decision (None without autoscaling) and
+    the restore windows to carry."""
+
+    decision: Decision | None
+    scale: ScaleDecision | None
+    low_since: dict[str, float]
+
+
+def decide_round(pressures: Iterable[ReplicaPressure], groups: Sequence[FormedGroup], *, pool: str, model: str,
+                 spec: PoolSpec, cost: CostModel, now: float, low_since: Mapping[str, float], elasticity: bool = True,
+                 policy: AutoscalePolicy | None = None, scale: ScaleState | None = None,
+                 external: int | None = None) -> Round:
+    """decide() with the coordinated autoscaler (autoscale.py): a drop first (and, in the same round, the
+    scale-out it bridges); else a group the finished or cancelled scale-out releases, least pressure left first;
+    else a restore by the planner's window."""
+    current = with_groups(pressures, groups)
+    active = [g.to_active(model) for g in groups]
+    restores, carried = plan_restores(active, current, spec, cost, now=now, low_since=low_since) if elasticity \
+        else ([], {})
+    drops = plan_drops(current, spec, cost) if elasticity else []
+    scaled = None
+    if policy is not None and scale is not None:
+        scaled = step(current, active, scale, pool=pool, spec=spec, cost=cost, policy=policy, now=now,
+                      dropping=bool(drops), external=external)
+    decision: Decision | None = None
+    if drops:
+        plan = drops[0]
+        decision = Decision(Action.DROP, GroupChange(plan.group_id, plan.members, plan.stages), plan.reason,
+                            plan.pressure)
+    elif elasticity and scaled is not None and scaled.restores:
+        group = next(g for g in active if g.group_id == scaled.restores[0])
+        by_name = {p.name: p for p in current}
+        members = tuple(by_name[m] for m in group.members)
+        left = max(split_back_demands(group, members, cost))
+        decision = Decision(Action.RESTORE, GroupChange(group.group_id, group.members, group.stages),
+                            f"scale-out bridged: the new replicas serve, the group is left with demand {left:.2f} "
+                            f"(< drop {spec.drop_demand})", members)
+    elif restores:
+        r = restores[0]
+        decision = Decision(Action.RESTORE, GroupChange(r.group_id, r.members, r.stages), r.reason, r.pressure)
+    return Round(decision, scaled, carried)
 
 
 def cost_from_statuses(statuses: Iterable[AgentStatus], stage_latency_s: float | None = None) -> CostModel | None:

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import kopf
+from prometheus_client import start_http_server
 
 from kunserve.operator.config import OperatorConfig
 from kunserve.operator.kube import KopfKubeApi, KubeApi, KubeApiError
@@ -113,6 +114,8 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> Operato
         configure_settings(settings)
         ctx.api = KopfKubeApi(settings)
         ctx.rt = Runtime.create(ctx.config, ctx.api, ctx.agent_endpoint)
+        if ctx.config.metrics_port is not None:  # kunserve_pool_* (autoscaling signals) for Prometheus, KEDA, HPA
+            start_http_server(ctx.config.metrics_port, registry=ctx.rt.metrics.registry)
 
     @kopf.on.cleanup(registry=registry, id="kunserve-cleanup")
     async def cleanup(**_: Any) -> None:

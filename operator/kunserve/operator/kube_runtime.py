@@ -27,13 +27,20 @@ from typing import Any
 from redis.asyncio import Redis
 
 from kunserve.operator.agent_client import AgentClients
+from kunserve.operator.autoscale_status import PoolMetrics
 from kunserve.operator.config import OperatorConfig
 from kunserve.operator.controller import replica_names
 from kunserve.operator.executor import Executor, ExecutorSettings
 from kunserve.operator.kube import RECONFIGURATIONS, SERVINGPOOLS, Conflict, KubeApi
 from kunserve.operator.manifests import owner_reference
 from kunserve.operator.naming import AGENT_GRPC_PORT, LABEL_MANAGED_BY, LABEL_POOL, MANAGER, agent_service_name
-from kunserve.operator.pool_spec import API_VERSION, InvalidServingPool, PoolRef
+from kunserve.operator.pool_spec import (
+    API_VERSION,
+    InvalidServingPool,
+    PoolRef,
+    draining_replicas,
+    workload_replicas,
+)
 from kunserve.operator.pool_status import RECONFIGURING, WorkloadStatus, compute_phase, set_condition
 from kunserve.operator.reconcile import STATUS_WRITE_ATTEMPTS, StatusConflictError, utc_now
 from kunserve.operator.reconfig import (
@@ -68,6 +75,7 @@ class Runtime:
     clients: AgentClients
     endpoint: EndpointResolver = dns_endpoint
     clock: Callable[[], float] = time.time
+    metrics: PoolMetrics = field(default_factory=PoolMetrics)  # the pools' autoscaling signals (/metrics)
     _locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
 
     @classmethod
@@ -104,9 +112,9 @@ def pool_replicas(rt: Runtime, namespace: str, pool: str, replicas: int,
 
 
 def pool_topology(rt: Runtime, namespace: str, pool: str, model: str, replicas: int, groups: Sequence[FormedGroup],
-                  epoch: int, num_layers: int | None) -> dict[str, Any]:
+                  epoch: int, num_layers: int | None, draining: Sequence[str] = ()) -> dict[str, Any]:
     return build_topology(epoch=epoch, model=model, replicas=pool_replicas(rt, namespace, pool, replicas, groups),
-                          groups=groups, num_layers=num_layers, updated_at=rt.clock())
+                          groups=groups, num_layers=num_layers, updated_at=rt.clock(), draining=draining)
 
 
 async def patch_pool_status(api: KubeApi, namespace: str, name: str,
@@ -168,7 +176,7 @@ async def set_reconfiguring(api: KubeApi, namespace: str, pool: str, active: boo
         generation = int((body.get("metadata") or {}).get("generation") or 0)
         conditions = set_condition(status.get("conditions") or [], RECONFIGURING, active, reason, message,
                                    generation, now())
-        desired = (body.get("spec") or {}).get("replicas")
+        desired = (status.get("autoscaling") or {}).get("replicas") or (body.get("spec") or {}).get("replicas")
         workload = WorkloadStatus(replicas=int(status.get("replicas") or 0),
                                   ready_replicas=int(status.get("readyReplicas") or 0))
         phase = compute_phase(problem=None, desired=desired if isinstance(desired, int) else 0, workload=workload,
@@ -215,7 +223,7 @@ async def handle_reconfiguration(rt: Runtime, body: Mapping[str, Any], logger: L
             try:
                 spec = resolve_restore(spec, groups)
                 if pending:
-                    check_drop(spec, replica_names(spec.pool, pool.spec.replicas), groups)
+                    check_drop(spec, replica_names(spec.pool, workload_replicas(pool, status)), groups)
             except InvalidReconfiguration as exc:
                 return await _fail(record, store, str(exc), rt.clock)
         endpoints = {m: rt.endpoint(namespace, spec.pool, m) for m in spec.members}
@@ -223,7 +231,8 @@ async def handle_reconfiguration(rt: Runtime, body: Mapping[str, Any], logger: L
                                 f"{spec.epoch}", spec.action.value)
 
         async def on_committed(committed: ReconfigSpec, done: ReconfigRecord) -> None:
-            await commit_to_pool(rt, namespace, name, committed, done, pool.spec.model.name, pool.spec.replicas)
+            await commit_to_pool(rt, namespace, name, committed, done, pool.spec.model.name,
+                                 workload_replicas(pool, status))
 
         record = await rt.executor().execute(spec, endpoints, record=record, store=store, on_committed=on_committed,
                                              current_epoch=pool_epoch(status) if pending else None)
@@ -242,7 +251,8 @@ async def commit_to_pool(rt: Runtime, namespace: str, name: str, spec: ReconfigS
     status = (body or {}).get("status") or {}
     groups = apply_committed(groups_from_status(status.get("groups")), spec, record.committed_groups, name)
     num_layers = max((s.layer_end for g in spec.groups for s in g.stages), default=0) or None
-    doc = pool_topology(rt, namespace, spec.pool, model, replicas, groups, spec.epoch, num_layers)
+    doc = pool_topology(rt, namespace, spec.pool, model, replicas, groups, spec.epoch, num_layers,
+                        draining_replicas(status))
     await write_topology(rt.redis, spec.pool, doc)
 
     def change(_body: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, Any]:

@@ -32,64 +32,49 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+from prometheus_client import start_http_server
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from kunserve.operator.agent_client import AgentClients
-from kunserve.operator.controller import decide, next_epoch, replica_names
-from kunserve.operator.cost_model import CostModel, even_split
-from kunserve.operator.executor import Executor, ExecutorSettings, OutcomeUnknownError
-from kunserve.operator.plan_types import StagePlan
-from kunserve.operator.planner import group_id_for
+from kunserve.operator.autoscale_status import PoolMetrics
+from kunserve.operator.controller import replica_names
+from kunserve.operator.cost_model import CostModel
+from kunserve.operator.executor import Executor, ExecutorSettings
+from kunserve.operator.local_controller import (
+    ControlEvent,
+    LocalController,
+    RedisRecordStore,
+    Scaler,
+    records_key,
+    reply_key,
+    requests_key,
+    state_key,
+)
 from kunserve.operator.pool_spec import Dtype, InvalidServingPool, ServingPool
 from kunserve.operator.pressure import PressureCollector
-from kunserve.operator.reconfig import (
-    Action,
-    FormedGroup,
-    GroupChange,
-    InvalidReconfiguration,
-    ReconfigRecord,
-    ReconfigSpec,
-    ReconfigurationLog,
-    apply_committed,
-    check_drop,
-    reconfiguration_name,
-    resolve_restore,
-)
-from kunserve.operator.topology_writer import ReplicaEndpoint, build_topology, write_topology
 from kunserve.operator.validation import parse_pool
 
+__all__ = ["ControlEvent", "LocalController", "LocalModeError", "LocalOptions", "LocalPool", "RedisRecordStore",
+           "Scaler", "records_key", "reply_key", "request_id", "requests_key", "run_up", "state_key"]
 log = logging.getLogger("kunserve.local")
 KUNSERVE = "import sys; from kunserve.cli import main; sys.exit(main(sys.argv[1:]))"
+# The same, for children started once gRPC threads run here (a scale-out): no Python code may run between fork and
+# exec then, so the child asks for SIGTERM on its parent's death itself (Linux).
+DIE_WITH_PARENT = ("import ctypes, signal, sys; "
+                   "sys.platform == 'linux' and ctypes.CDLL(None).prctl(1, signal.SIGTERM); ")
 DTYPE_BYTES = {Dtype.FLOAT32: 4, Dtype.BFLOAT16: 2, Dtype.FLOAT16: 2}
 STOP_GRACE_S = 10.0
-REPLY_TTL_S = 300
 
 
 class LocalModeError(RuntimeError):
     """Local mode cannot start or had to stop (the message says why)."""
-
-
-def records_key(pool: str) -> str:
-    return f"kunserve:reconfigurations:{pool}"
-
-
-def requests_key(pool: str) -> str:
-    return f"kunserve:reconfigure:{pool}:requests"
-
-
-def reply_key(pool: str, request_id: str) -> str:
-    return f"kunserve:reconfigure:{pool}:reply:{request_id}"
-
-
-def state_key(pool: str) -> str:
-    return f"kunserve:local:{pool}"
 
 
 @dataclass(slots=True, frozen=True)
@@ -106,6 +91,8 @@ class LocalOptions:
     redis_server: str = "redis-server"
     rpc_timeout_s: float = 30.0
     commit_timeout_s: float = 300.0
+    startup_delay_s: float = 0.0  # before a scale-out's agent process starts (image pull, scheduling)
+    metrics_port: int | None = None  # the pool's autoscaling signals on http://host:port/metrics
 
 
 def load_pool(path: Path) -> ServingPool:
@@ -189,179 +176,13 @@ class Child:
     proc: asyncio.subprocess.Process
     log_path: Path
     ready_file: Path | None = None
+    retired: bool = False  # stopped on purpose (scale-in): its exit is not a failure
 
     def log_tail(self, lines: int = 30) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
-
-
-# ----------------------------------------------------------------------------------------------- the controller
-
-
-@dataclass(slots=True)
-class RedisRecordStore:
-    """Saves a reconfiguration's record (with its spec) in the pool's hash of reconfigurations."""
-
-    redis: Redis
-    pool: str
-    name: str
-    spec: ReconfigSpec
-    last: ReconfigRecord = field(default_factory=ReconfigRecord)
-
-    async def save(self, record: ReconfigRecord) -> None:
-        self.last = record.copy()
-        await self.redis.hset(records_key(self.pool), self.name,
-                              ReconfigurationLog(self.name, self.spec, record).to_json())
-
-
-@dataclass(slots=True)
-class LocalController:
-    """collector → planner → executor, one reconfiguration at a time, plus manual requests from Redis."""
-
-    pool: ServingPool
-    redis: Redis
-    endpoints: dict[str, str]  # agent id -> host:port
-    cost: CostModel
-    collector: PressureCollector
-    executor: Executor
-    out: Callable[[str], None] = print
-    clock: Callable[[], float] = time.time
-    epoch: int = 0
-    allocated: int = 0  # the highest epoch handed out (a failed reconfiguration's epoch is not reused)
-    groups: tuple[FormedGroup, ...] = ()
-    low_since: dict[str, float] = field(default_factory=dict)
-    history: list[ReconfigurationLog] = field(default_factory=list)
-    gateway_url: str = ""
-
-    @property
-    def name(self) -> str:
-        return self.pool.ref.name
-
-    def topology(self) -> dict[str, Any]:
-        replicas = [ReplicaEndpoint(a, e) for a, e in self.endpoints.items()]
-        return build_topology(epoch=self.epoch, model=self.pool.spec.model.name, replicas=replicas,
-                              groups=self.groups, num_layers=self.cost.num_layers, updated_at=self.clock())
-
-    async def publish(self) -> None:
-        """The topology, then the description of the running pool."""
-        await write_topology(self.redis, self.name, self.topology())
-        state = {"pool": self.name, "model": self.pool.spec.model.name, "gateway": self.gateway_url,
-                 "agents": self.endpoints, "epoch": self.epoch, "groups": [g.to_status() for g in self.groups],
-                 "pid": os.getpid()}
-        await self.redis.set(state_key(self.name), json.dumps(state, separators=(",", ":")))
-
-    async def step(self) -> ReconfigurationLog | None:
-        """One round: a manual request if one waits, else the planner's decision (if elasticity is on)."""
-        raw = await self.redis.lpop(requests_key(self.name))
-        if isinstance(raw, str | bytes):
-            return await self.manual(raw)
-        if not self.pool.spec.elasticity.enabled:
-            return None
-        pressures = self.collector.snapshot()
-        if not pressures:
-            return None
-        decision, self.low_since = decide(pressures, self.groups, model=self.pool.spec.model.name,
-                                          spec=self.pool.spec.elasticity.to_planner(), cost=self.cost,
-                                          now=self.clock(), low_since=self.low_since)
-        if decision is None:
-            return None
-        self.low_since.pop(decision.group.id, None)
-        return await self.run(decision.spec(self.name, self.take_epoch()))
-
-    def take_epoch(self, wanted: int | None = None) -> int:
-        epoch = wanted if wanted is not None else next_epoch(self.epoch, [self.allocated])
-        self.allocated = max(self.allocated, epoch)
-        return epoch
-
-    async def run(self, spec: ReconfigSpec) -> ReconfigurationLog:
-        name = reconfiguration_name(self.name, spec.action, spec.epoch)
-        store = RedisRecordStore(self.redis, self.name, name, spec)
-        record = ReconfigRecord()
-        await store.save(record)
-        while True:
-            try:
-                record = await self.executor.execute(
-                    spec, {m: self.endpoints[m] for m in spec.members if m in self.endpoints}, record=record,
-                    store=store, on_committed=lambda s, r: self._committed(name, s, r), current_epoch=self.epoch,
-                    num_layers=self.cost.num_layers)
-                break
-            except OutcomeUnknownError as exc:  # a leader does not answer: ask again later, never guess
-                self.out(f"reconfiguration {name}: {exc}; retrying")
-                record = store.last
-                await asyncio.sleep(1.0)
-        entry = ReconfigurationLog(name, spec, record)
-        self.history.append(entry)
-        self.out(f"reconfiguration {entry.summary()}")
-        return entry
-
-    async def _committed(self, name: str, spec: ReconfigSpec, record: ReconfigRecord) -> None:
-        self.groups = apply_committed(self.groups, spec, record.committed_groups, name)
-        self.epoch = max(self.epoch, spec.epoch)
-        await self.publish()
-
-    async def manual(self, raw: str | bytes) -> ReconfigurationLog | None:
-        """A request from `kunserve reconfigure`: run it, answer on its reply key."""
-        request_id = ""
-        try:
-            request = json.loads(raw)
-            request_id = str(request.get("id") or "")
-            spec = self.manual_spec(request)
-        except (ValueError, TypeError, KeyError, InvalidReconfiguration) as exc:
-            await self._reply(request_id, {"error": str(exc)})
-            self.out(f"manual reconfiguration refused: {exc}")
-            return None
-        entry = await self.run(spec)
-        await self._reply(request_id, json.loads(entry.to_json()))
-        return entry
-
-    def manual_spec(self, request: Mapping[str, Any]) -> ReconfigSpec:
-        action = Action(str(request.get("action")))
-        reason = str(request.get("reason") or f"manual {action.value.lower()}")
-        epoch = request.get("epoch")
-        if epoch is not None and (not isinstance(epoch, int) or epoch <= self.allocated):
-            raise InvalidReconfiguration([f"epoch {epoch} is not newer than {self.allocated}"])
-        members = tuple(str(m) for m in request.get("members") or ())
-        if action is Action.DROP:
-            if len(members) < 2:
-                raise InvalidReconfiguration(["a drop needs at least 2 members"])
-            ranges = request.get("ranges") or even_split(self.cost.num_layers, len(members))
-            stages = tuple(StagePlan(m, int(a), int(b)) for m, (a, b) in zip(members, ranges, strict=True))
-            group = GroupChange(str(request.get("group") or group_id_for(members)), members, stages)
-        else:
-            wanted = request.get("group")
-            found = next((g for g in self.groups if g.id == wanted or (members and set(members) <= set(g.members))),
-                         None)
-            if wanted is None and not members and len(self.groups) == 1:
-                found = self.groups[0]  # the only group there is
-            if found is None:
-                raise InvalidReconfiguration([f"no formed group matches {wanted or list(members)} "
-                                              f"(formed: {[g.id for g in self.groups] or 'none'})"])
-            group = GroupChange(found.id, found.members, found.stages)
-        spec = ReconfigSpec(pool=self.name, epoch=0, action=action, groups=(group,), reason=reason, manual=True)
-        problems = spec.problems(self.cost.num_layers)
-        if problems:
-            raise InvalidReconfiguration(problems)
-        spec = resolve_restore(spec, self.groups)
-        check_drop(spec, list(self.endpoints), self.groups)
-        return ReconfigSpec(pool=spec.pool, epoch=self.take_epoch(epoch), action=action, groups=spec.groups,
-                            reason=reason, manual=True)
-
-    async def _reply(self, request_id: str, payload: Mapping[str, Any]) -> None:
-        if request_id:
-            key = reply_key(self.name, request_id)
-            await self.redis.rpush(key, json.dumps(payload))
-            await self.redis.expire(key, REPLY_TTL_S)
-
-    async def loop(self, interval_s: float) -> None:
-        """Rounds until cancelled; a failed round is reported and the loop goes on."""
-        while True:
-            try:
-                await self.step()
-            except (RedisError, OSError) as exc:
-                self.out(f"controller round failed: {type(exc).__name__}: {exc}")
-            await asyncio.sleep(interval_s)
 
 
 # --------------------------------------------------------------------------------------------------- the pool
@@ -379,18 +200,71 @@ class LocalPool:
         self.endpoints: dict[str, str] = {}
         self.gateway_url = ""
         self.stopping = False
+        self.ctl: LocalController | None = None
+        self.starting: dict[str, asyncio.Task[None]] = {}  # scale-out agents not serving yet
+        self.changed = asyncio.Event()  # the set of children changed (the supervisor re-reads it)
+        self.metrics = PoolMetrics()
+        self.serving = asyncio.Event()  # set once the topology is published and the gateway routes
 
     @property
     def name(self) -> str:
         return self.pool.ref.name
 
-    async def _spawn(self, name: str, cmd: list[str], ready_file: Path | None = None) -> Child:
+    @property
+    def initial_replicas(self) -> int:
+        scaling = self.pool.spec.autoscaling
+        replicas = self.pool.spec.replicas
+        return replicas if scaling is None else min(max(replicas, scaling.min_replicas), scaling.max_replicas)
+
+    @property
+    def threads(self) -> int:
+        return self.options.threads or max(1, (os.cpu_count() or 1) // self.initial_replicas)
+
+    async def scale_to(self, replicas: int) -> None:
+        """Start agents up to `replicas` (each after startup_delay_s, in the background; it joins the pool once it
+        serves) and stop those above it (the controller took them out of the topology first)."""
+        wanted = set(replica_names(self.name, replicas))
+        for agent_id in replica_names(self.name, replicas):
+            running = any(c.name == agent_id and not c.retired for c in self.children)
+            if not running and agent_id not in self.starting:
+                self.out(f"scale-out: starting {agent_id} (ready in {self.options.startup_delay_s:.0f} s + load)")
+                self.starting[agent_id] = asyncio.create_task(self._start_late(agent_id), name=f"start-{agent_id}")
+        for agent_id, task in list(self.starting.items()):
+            if agent_id not in wanted:
+                task.cancel()
+                del self.starting[agent_id]
+        for child in self.children:
+            if child.name.startswith(f"{self.name}-agent-") and child.name not in wanted and not child.retired:
+                child.retired = True
+                self.out(f"scale-in: stopping {child.name}")
+                asyncio.create_task(self._stop(child))  # noqa: RUF006 - _stop is bounded; shutdown waits too
+        self.changed.set()
+
+    async def _start_late(self, agent_id: str) -> None:
+        await asyncio.sleep(self.options.startup_delay_s)  # what image pull and scheduling take in a cluster
+        ready = self.workdir / f"{agent_id}.ready.json"
+        ready.unlink(missing_ok=True)
+        child = await self._spawn(agent_id, agent_command(self.pool, agent_id, ready, self.threads, self.options.host),
+                                  ready, late=True)
+        self.changed.set()
+        info = await self._wait_ready(child, time.monotonic() + self.options.start_timeout_s)
+        endpoint = f"{self.options.host}:{info['grpc_port']}"
+        self.endpoints[agent_id] = endpoint
+        self.out(f"agent {agent_id} ready on {endpoint}")
+        if self.ctl is not None:
+            await self.ctl.add_replica(agent_id, endpoint)
+        self.starting.pop(agent_id, None)
+
+    async def _spawn(self, name: str, cmd: list[str], ready_file: Path | None = None, late: bool = False) -> Child:
         log_path = self.workdir / f"{name}.log"
         env = {**os.environ, "PYTHONPATH": source_path()}
+        if late and cmd[1:3] == ["-c", KUNSERVE]:
+            cmd = [cmd[0], "-c", DIE_WITH_PARENT + KUNSERVE, *cmd[3:]]
         with log_path.open("wb") as log_file:
             proc = await asyncio.create_subprocess_exec(
                 *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=asyncio.subprocess.STDOUT, env=env,
-                start_new_session=True, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                start_new_session=True,
+                preexec_fn=_die_with_parent if sys.platform == "linux" and not late else None)
         child = Child(name, proc, log_path, ready_file)
         self.children.append(child)
         self._write_processes()
@@ -440,8 +314,8 @@ class LocalPool:
         """Redis, the agents, the gateway; returns once all serve (raises LocalModeError otherwise)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         spec = self.pool.spec
-        ids = replica_names(self.name, spec.replicas)
-        threads = self.options.threads or max(1, (os.cpu_count() or 1) // spec.replicas)
+        ids = replica_names(self.name, self.initial_replicas)
+        threads = self.threads
         self.out(f"pool {self.name}: {spec.replicas} agents of {spec.model.name} ({model_dir(self.pool)}), "
                  f"{threads} thread(s) each; logs in {self.workdir}")
         await self.start_redis()
@@ -473,7 +347,12 @@ class LocalPool:
                     controller = self.controller(collector, clients)
                     await controller.publish()
                     collector.set_targets(self.endpoints)
+                    if self.options.metrics_port is not None:
+                        server, _thread = start_http_server(self.options.metrics_port, self.options.host,
+                                                            self.metrics.registry)
+                        self.out(f"metrics: http://{self.options.host}:{server.server_port}/metrics")
                     self.out(f"gateway: {self.gateway_url}  (OpenAI API at {self.gateway_url}/v1; Ctrl-C stops)")
+                    self.serving.set()
                     return await self._supervise(stop, controller)
                 finally:
                     await clients.close()
@@ -489,29 +368,47 @@ class LocalPool:
                                     commit_timeout_s=self.options.commit_timeout_s,
                                     abort_timeout_s=self.options.rpc_timeout_s,
                                     status_timeout_s=self.options.rpc_timeout_s)
-        return LocalController(pool=self.pool, redis=self.redis, endpoints=dict(self.endpoints),
-                               cost=local_cost_model(self.pool), collector=collector,
-                               executor=Executor(clients, settings), out=self.out, gateway_url=self.gateway_url)
+        self.ctl = LocalController(pool=self.pool, redis=self.redis, endpoints=dict(self.endpoints),
+                                   cost=local_cost_model(self.pool), collector=collector,
+                                   executor=Executor(clients, settings), out=self.out, gateway_url=self.gateway_url,
+                                   scaler=self if self.pool.spec.autoscaling is not None else None,
+                                   metrics=self.metrics)
+        return self.ctl
 
     async def _supervise(self, stop: asyncio.Event, controller: LocalController) -> int:
-        exits: dict[asyncio.Future[Any], Child] = {asyncio.ensure_future(c.proc.wait()): c for c in self.children}
         stopping = asyncio.ensure_future(stop.wait())
         loop = asyncio.ensure_future(controller.loop(self.options.plan_interval_s))
         try:
-            done, _ = await asyncio.wait({*exits, stopping, loop}, return_when=asyncio.FIRST_COMPLETED)
-            if stopping in done:
-                self.out("stopping")
-                return 0
-            if loop in done:
-                loop.result()  # re-raise what stopped the controller
-                return 1
-            child = next(exits[f] for f in done if f in exits)
-            self.out(f"{child.name} exited with code {child.proc.returncode}; stopping everything. Its log "
-                     f"({child.log_path}):\n{child.log_tail()}")
-            return 1
+            while True:
+                self.changed.clear()
+                exits: dict[asyncio.Future[Any], Child] = {asyncio.ensure_future(c.proc.wait()): c
+                                                           for c in self.children if not c.retired}
+                starts: dict[asyncio.Future[Any], str] = {t: a for a, t in self.starting.items()}
+                changed = asyncio.ensure_future(self.changed.wait())
+                done, _ = await asyncio.wait({*exits, *starts, stopping, loop, changed},
+                                             return_when=asyncio.FIRST_COMPLETED)
+                for task in (*exits, changed):
+                    task.cancel()
+                if stopping in done:
+                    self.out("stopping")
+                    return 0
+                if loop in done:
+                    loop.result()  # re-raise what stopped the controller
+                    return 1
+                failed = [t for t in done if t in starts and not t.cancelled() and t.exception() is not None]
+                if failed:
+                    self.out(f"scale-out of {starts[failed[0]]} failed: {failed[0].exception()}; stopping everything")
+                    return 1
+                child = next((exits[f] for f in done if f in exits and not exits[f].retired), None)
+                if child is not None:
+                    self.out(f"{child.name} exited with code {child.proc.returncode}; stopping everything. Its log "
+                             f"({child.log_path}):\n{child.log_tail()}")
+                    return 1
         finally:
-            for task in (*exits, stopping, loop):
-                task.cancel()
+            stopping.cancel()
+            loop.cancel()
+            for start in self.starting.values():
+                start.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await loop
 

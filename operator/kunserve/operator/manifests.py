@@ -41,9 +41,10 @@ def _metadata(pool: ServingPool, name: str, component: Component) -> dict[str, A
             "ownerReferences": [owner_reference(pool.ref)]}
 
 
-def pool_children(pool: ServingPool, config: OperatorConfig) -> list[Manifest]:
-    """Everything the pool owns, in the order to create it (Services before their workloads)."""
-    return [agent_headless_service(pool), agent_statefulset(pool, config),
+def pool_children(pool: ServingPool, config: OperatorConfig, replicas: int | None = None) -> list[Manifest]:
+    """Everything the pool owns, in the order to create it (Services before their workloads); replicas: the
+    agents' count when the autoscaler owns it (default spec.replicas)."""
+    return [agent_headless_service(pool), agent_statefulset(pool, config, replicas),
             gateway_service(pool), gateway_deployment(pool, config)]
 
 
@@ -103,7 +104,9 @@ def _model_mount(source: ModelSource) -> dict[str, Any]:
     return mount
 
 
-def agent_statefulset(pool: ServingPool, config: OperatorConfig) -> Manifest:
+def agent_statefulset(pool: ServingPool, config: OperatorConfig, replicas: int | None = None) -> Manifest:
+    """The agents' StatefulSet with `replicas` pods (default spec.replicas; the autoscaler's count with
+    spec.autoscaling)."""
     spec, name = pool.spec, pool.ref.name
     http_metrics = {"path": "/metrics", "port": "metrics"}
     container: dict[str, Any] = {
@@ -148,7 +151,7 @@ def agent_statefulset(pool: ServingPool, config: OperatorConfig) -> Manifest:
         "kind": "StatefulSet",
         "metadata": _metadata(pool, agent_statefulset_name(name), Component.AGENT),
         "spec": {
-            "replicas": spec.replicas,
+            "replicas": spec.replicas if replicas is None else replicas,
             "serviceName": agent_service_name(name),
             "podManagementPolicy": "Parallel",  # replicas are independent: start and replace them together
             "selector": {"matchLabels": selector_labels(name, Component.AGENT)},

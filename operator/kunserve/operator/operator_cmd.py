@@ -21,6 +21,7 @@ from typing import Any
 from kunserve.operator.config import (
     ConfigError,
     OperatorConfig,
+    parse_port,
     parse_pull_policy,
     parse_seconds,
     parse_secret_key_ref,
@@ -52,6 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how often each pool's pressure is planned on [$KUNSERVE_PLAN_SECONDS, 2]")
     p.add_argument("--stale-seconds", type=float, default=None, metavar="S",
                    help="an agent silent for this long is stale [$KUNSERVE_STALE_SECONDS, 5]")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve the pools' autoscaling signals (kunserve_pool_*) on :PORT/metrics "
+                        "[$KUNSERVE_METRICS_PORT; off]")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--log-format", choices=("plain", "full", "json"), default="full")
 
@@ -70,6 +74,7 @@ def build_config(args: argparse.Namespace, env: dict[str, str] | None = None) ->
         else None,
         stale_after_s=parse_seconds(str(args.stale_seconds), "stale threshold") if args.stale_seconds is not None
         else None,
+        metrics_port=parse_port(str(args.metrics_port)) if getattr(args, "metrics_port", None) is not None else None,
     )
 
 

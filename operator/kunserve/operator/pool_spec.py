@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from kunserve.operator.autoscale import AutoscalePolicy, Driver
 from kunserve.operator.plan_types import PoolSpec
 
 GROUP = "kunserve.io"
@@ -96,6 +97,26 @@ class Elasticity:
 
 
 @dataclass(slots=True, frozen=True)
+class Autoscaling:
+    """spec.autoscaling: the operator owns the agents' replica count between min and max (see autoscale.py)."""
+
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_demand: float = 0.7
+    scale_up_stabilization_s: int = 0
+    scale_down_stabilization_s: int = 300
+    drain_timeout_s: int = 300
+    driver: Driver = Driver.OPERATOR
+
+    def to_policy(self) -> AutoscalePolicy:
+        return AutoscalePolicy(min_replicas=self.min_replicas, max_replicas=self.max_replicas,
+                               target_demand=self.target_demand,
+                               scale_up_window_s=float(self.scale_up_stabilization_s),
+                               scale_down_window_s=float(self.scale_down_stabilization_s),
+                               drain_timeout_s=float(self.drain_timeout_s), driver=self.driver)
+
+
+@dataclass(slots=True, frozen=True)
 class Slo:
     ttft_s: float | None = None
     tpot_s: float | None = None
@@ -140,6 +161,7 @@ class ServingPoolSpec:
     affinity: Mapping[str, Any] | None = None
     termination_grace_period_s: int = 120
     gateway: GatewaySpec = field(default_factory=GatewaySpec)
+    autoscaling: Autoscaling | None = None  # None: the replica count is spec.replicas, nothing more
 
     @property
     def uses_gpus(self) -> bool:
@@ -152,3 +174,21 @@ class ServingPoolSpec:
 class ServingPool:
     ref: PoolRef
     spec: ServingPoolSpec
+
+
+def workload_replicas(pool: ServingPool, status: Mapping[str, Any] | None) -> int:
+    """The agents' replica count: spec.replicas, or with autoscaling the count the operator recorded in
+    status.autoscaling.replicas (spec.replicas, clamped to [min, max], before the first record)."""
+    scaling = pool.spec.autoscaling
+    if scaling is None:
+        return pool.spec.replicas
+    recorded = ((status or {}).get("autoscaling") or {}).get("replicas")
+    if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded >= 1:
+        return recorded
+    return min(max(pool.spec.replicas, scaling.min_replicas), scaling.max_replicas)
+
+
+def draining_replicas(status: Mapping[str, Any] | None) -> tuple[str, ...]:
+    """Replicas the autoscaler drains (no new requests routed to them), from status.autoscaling.draining."""
+    raw = ((status or {}).get("autoscaling") or {}).get("draining") or []
+    return tuple(str(d) for d in raw if isinstance(d, str))

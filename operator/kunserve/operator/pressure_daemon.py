@@ -23,7 +23,9 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from kunserve.operator.controller import cost_from_statuses, decide, next_epoch, replica_names
+from kunserve.operator.autoscale import ScaleDecision
+from kunserve.operator.autoscale_status import state_from_status, status_of, without_nulls
+from kunserve.operator.controller import cost_from_statuses, decide_round, next_epoch, replica_names
 from kunserve.operator.cost_model import CostModel
 from kunserve.operator.kube import RECONFIGURATIONS, SERVINGPOOLS, Conflict, KubeApiError
 from kunserve.operator.kube_runtime import (
@@ -33,9 +35,10 @@ from kunserve.operator.kube_runtime import (
     pool_topology,
     reconfiguration_manifest,
 )
-from kunserve.operator.pool_spec import InvalidServingPool, ServingPool
+from kunserve.operator.manifests import agent_statefulset
+from kunserve.operator.pool_spec import InvalidServingPool, ServingPool, draining_replicas, workload_replicas
 from kunserve.operator.pressure import PressureCollector
-from kunserve.operator.reconcile import StatusConflictError
+from kunserve.operator.reconcile import StatusConflictError, utc_now
 from kunserve.operator.reconfig import (
     TERMINAL_PHASES,
     FormedGroup,
@@ -54,7 +57,7 @@ class Tick(StrEnum):
     GONE = "gone"  # the pool is gone or being deleted
     INVALID = "invalid"  # its spec is invalid (reported by the ServingPool handlers)
     IN_FLIGHT = "in-flight"  # a Reconfiguration of the pool is running
-    DISABLED = "disabled"  # spec.elasticity.enabled is false
+    DISABLED = "disabled"  # spec.elasticity.enabled is false and there is no spec.autoscaling
     NO_DATA = "no-data"  # no agent has reported yet
     IDLE = "idle"  # nothing to do
     CREATED = "created"  # a Reconfiguration was created
@@ -69,6 +72,7 @@ class PoolDaemon:
     low_since: dict[str, float] = field(default_factory=dict)
     cost: CostModel | None = None
     last: str = ""  # the last Reconfiguration created
+    history: tuple[tuple[float, int], ...] = ()  # the autoscaler's recommendations (stabilisation windows)
 
     async def tick(self, logger: Log) -> Tick:
         rt = self.rt
@@ -81,7 +85,8 @@ class PoolDaemon:
             return Tick.INVALID
         status = body.get("status") or {}
         groups = groups_from_status(status.get("groups"))
-        members = set(replica_names(self.name, pool.spec.replicas)) | {m for g in groups for m in g.members}
+        replicas = workload_replicas(pool, status)
+        members = set(replica_names(self.name, replicas)) | {m for g in groups for m in g.members}
         self.collector.set_targets({m: rt.endpoint(self.namespace, self.name, m) for m in sorted(members)})
         ours = [r for r in await rt.api.list(RECONFIGURATIONS, self.namespace)
                 if (r.get("spec") or {}).get("pool") == self.name]
@@ -90,15 +95,24 @@ class PoolDaemon:
             return Tick.IN_FLIGHT
         await self.prune(ours)
         await self.ensure_topology(pool, status, groups, epochs, logger)
-        if not pool.spec.elasticity.enabled:
+        scaling = pool.spec.autoscaling
+        if not pool.spec.elasticity.enabled and scaling is None:
             return Tick.DISABLED
         self.cost = cost_from_statuses(self.collector.statuses().values()) or self.cost
         pressures = self.collector.snapshot()
         if self.cost is None or not pressures:
             return Tick.NO_DATA
-        decision, self.low_since = decide(pressures, groups, model=pool.spec.model.name,
-                                          spec=pool.spec.elasticity.to_planner(), cost=self.cost, now=rt.clock(),
-                                          low_since=self.low_since)
+        now = rt.clock()
+        rnd = decide_round(pressures, groups, pool=self.name, model=pool.spec.model.name,
+                           spec=pool.spec.elasticity.to_planner(), cost=self.cost, now=now, low_since=self.low_since,
+                           elasticity=pool.spec.elasticity.enabled,
+                           policy=scaling.to_policy() if scaling is not None else None,
+                           scale=state_from_status(pool, status, self.history) if scaling is not None else None,
+                           external=pool.spec.replicas)
+        self.low_since = rnd.low_since
+        if rnd.scale is not None:
+            await self.apply_scale(pool, status, rnd.scale, logger)
+        decision = rnd.decision
         if decision is None:
             return Tick.IDLE
         epoch = next_epoch(pool_epoch(status), epochs)
@@ -114,6 +128,25 @@ class PoolDaemon:
                     decision.reason)
         return Tick.CREATED
 
+    async def apply_scale(self, pool: ServingPool, status: Mapping[str, Any], scale: ScaleDecision,
+                          logger: Log) -> None:
+        """Record the autoscaler's state in status.autoscaling, then set the StatefulSet's replica count (the
+        status first: a resync reads the count from there) and export the pool's signals."""
+        rt, st = self.rt, scale.state
+        self.history = st.history
+        wanted = status_of(scale, status.get("autoscaling"), utc_now())
+
+        def change(_body: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, Any]:
+            now_raw = current.get("autoscaling") or {}
+            return {} if without_nulls(now_raw) == without_nulls(wanted) else {"autoscaling": wanted}
+
+        await patch_pool_status(rt.api, self.namespace, self.name, change)
+        if st.replicas != workload_replicas(pool, status):
+            await rt.api.apply(agent_statefulset(pool, rt.config, st.replicas))
+        rt.metrics.observe(self.namespace, self.name, scale.signals, scale.event.value if scale.event else None)
+        if scale.event is not None:
+            logger.info("autoscaling %s: %s (%s)", self.name, scale.event.value, scale.reason)
+
     async def prune(self, finished: list[dict[str, Any]]) -> None:
         """Keep the newest KEEP_RECONFIGURATIONS finished Reconfigurations of the pool (all of them are finished
         when this runs); the pool's status keeps the epoch, so a deleted one's epoch is never needed again."""
@@ -126,8 +159,8 @@ class PoolDaemon:
         rt, epoch = self.rt, pool_epoch(status)
         layers = status.get("modelLayers") or next(
             (s.num_layers for s in self.collector.statuses().values() if s.num_layers), None)
-        desired = pool_topology(rt, self.namespace, self.name, pool.spec.model.name, pool.spec.replicas, groups,
-                                epoch, layers)
+        desired = pool_topology(rt, self.namespace, self.name, pool.spec.model.name, workload_replicas(pool, status),
+                                groups, epoch, layers, draining_replicas(status))
         current = await read_topology(rt.redis, self.name)
         if current is not None and (same_layout(current, desired) or int(current.get("epoch") or 0) > epoch):
             return
@@ -156,6 +189,7 @@ async def run_pool_daemon(rt: Runtime, namespace: str, name: str, logger: Log) -
         while True:
             try:
                 if await daemon.tick(logger) is Tick.GONE:
+                    rt.metrics.forget(namespace, name)
                     return
                 last_error = ""
             except (KubeApiError, StatusConflictError, RedisError, OSError, ValueError) as exc:

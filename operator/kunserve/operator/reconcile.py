@@ -21,7 +21,7 @@ from kunserve.operator.config import OperatorConfig
 from kunserve.operator.kube import DEPLOYMENTS, SERVICES, SERVINGPOOLS, STATEFULSETS, Conflict, KubeApi, ResourceKind
 from kunserve.operator.manifests import pool_children
 from kunserve.operator.naming import agent_service_name, agent_statefulset_name, gateway_name
-from kunserve.operator.pool_spec import InvalidServingPool, ServingPool
+from kunserve.operator.pool_spec import InvalidServingPool, ServingPool, workload_replicas
 from kunserve.operator.pool_status import WorkloadStatus, pool_status, status_changes
 from kunserve.operator.validation import parse_pool
 
@@ -57,7 +57,12 @@ async def reconcile_pool(api: KubeApi, config: OperatorConfig, body: Mapping[str
     pool, invalid = validate(body)
     applied: list[str] = []
     if pool is not None:
-        for manifest in pool_children(pool, config):
+        meta = body.get("metadata") or {}
+        status = body.get("status")
+        if pool.spec.autoscaling is not None:  # the autoscaler's count, as recorded now (kopf's body may lag)
+            latest = await api.get(SERVINGPOOLS, str(meta.get("namespace")), str(meta.get("name")))
+            status = (latest or body).get("status")
+        for manifest in pool_children(pool, config, workload_replicas(pool, status)):
             await api.apply(manifest)
             applied.append(f"{manifest['kind']}/{manifest['metadata']['name']}")
         logger.info("applied %s", ", ".join(applied))
@@ -80,7 +85,7 @@ async def refresh_pool_status(api: KubeApi, namespace: str, name: str, logger: L
         current = body.get("status") or {}
         wanted = pool_status(
             name=name, generation=int((body.get("metadata") or {}).get("generation") or 0),
-            desired=pool.spec.replicas if pool is not None else 0,
+            desired=workload_replicas(pool, current) if pool is not None else 0,
             problem=str(invalid) if invalid is not None else None,
             workload=WorkloadStatus.from_statefulset(sts), previous=current, now=clock())
         changes = status_changes(current, wanted)

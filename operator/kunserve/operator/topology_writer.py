@@ -14,7 +14,7 @@ members. `groups[].entry` names the leader (stage 0), which schedules the group'
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,9 +47,10 @@ def events_channel(pool: str) -> str:
 
 
 def build_topology(*, epoch: int, model: str, replicas: Sequence[ReplicaEndpoint], groups: Sequence[FormedGroup],
-                   num_layers: int | None, updated_at: float) -> dict[str, Any]:
+                   num_layers: int | None, updated_at: float, draining: Collection[str] = ()) -> dict[str, Any]:
     """The topology document. Group members missing from `replicas` are an error (ValueError): a reader would
-    reject the document."""
+    reject the document. A standalone replica in `draining` is marked `entry: false`: no new request is routed to
+    it while its streams finish (the autoscaler drains it before scale-in)."""
     if epoch < 0:
         raise ValueError(f"epoch must be >= 0, got {epoch}")
     by_member: dict[str, tuple[FormedGroup, int]] = {}
@@ -69,7 +70,7 @@ def build_topology(*, epoch: int, model: str, replicas: Sequence[ReplicaEndpoint
         if found is None:
             entries.append({"id": r.id, "endpoint": r.endpoint, "model": model, "group": None, "role": "replica",
                             "stage": None, "layer_start": 0 if num_layers else None, "layer_end": num_layers or None,
-                            "entry": True})
+                            "entry": r.id not in draining})
         else:
             group, index = found
             stage = group.stages[index]

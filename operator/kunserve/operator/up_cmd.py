@@ -28,6 +28,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan-seconds", type=float, default=1.0, help="how often the planner runs (default 1)")
     p.add_argument("--stale-seconds", type=float, default=5.0, help="an agent silent this long is stale")
     p.add_argument("--start-timeout", type=float, default=300.0, help="seconds for every process to serve")
+    p.add_argument("--startup-delay", type=float, default=0.0, metavar="S",
+                   help="seconds before a scale-out's agent process starts, as image pull and scheduling take in a "
+                        "cluster (spec.autoscaling; default 0)")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve the pool's autoscaling signals (kunserve_pool_*) on http://HOST:PORT/metrics")
     p.add_argument("--log-level", default="WARNING", help="of this process (children log to their files)")
 
 
@@ -39,5 +44,6 @@ def run(args: argparse.Namespace) -> int:
         return 2
     options = LocalOptions(pool_file=args.file, host=args.host, port=args.port, threads=args.threads,
                            workdir=args.workdir, plan_interval_s=args.plan_seconds, stale_after_s=args.stale_seconds,
-                           start_timeout_s=args.start_timeout)
+                           start_timeout_s=args.start_timeout, startup_delay_s=max(args.startup_delay, 0.0),
+                           metrics_port=args.metrics_port)
     return asyncio.run(run_up(options))

@@ -10,7 +10,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from kunserve.operator.autoscale import Driver
 from kunserve.operator.pool_spec import (
+    Autoscaling,
     Dtype,
     Elasticity,
     EngineSpec,
@@ -61,6 +63,7 @@ def parse_pool(body: Mapping[str, Any]) -> ServingPool:
     slo = Slo(ttft_s=r.num(slo_raw, "ttftSeconds", "spec.slo", None, 0, 3600, exclusive_lo=True),
               tpot_s=r.num(slo_raw, "tpotSeconds", "spec.slo", None, 0, 60, exclusive_lo=True))
     gateway = _gateway(r, r.obj(spec, "gateway", "spec"))
+    autoscaling = _autoscaling(r, spec, elasticity)
     node_selector = {str(k): str(v) for k, v in r.obj(spec, "nodeSelector", "spec").items()}
     tolerations = spec.get("tolerations") or []
     if not isinstance(tolerations, list) or not all(isinstance(t, Mapping) for t in tolerations):
@@ -78,7 +81,7 @@ def parse_pool(body: Mapping[str, Any]) -> ServingPool:
         elasticity=elasticity, slo=slo, engine=engine, requests=requests, limits=limits,
         node_selector=node_selector, tolerations=tuple(dict(t) for t in tolerations),
         affinity=dict(affinity) if affinity else None, termination_grace_period_s=grace if grace is not None else 120,
-        gateway=gateway))
+        gateway=gateway, autoscaling=autoscaling))
 
 
 def _model(r: SpecReader, spec: Mapping[str, Any]) -> ModelSpec | None:
@@ -192,3 +195,29 @@ def _gateway(r: SpecReader, raw: Mapping[str, Any]) -> GatewaySpec:
         if name is not None and key is not None:
             secret = SecretKeyRef(name=name, key=key)
     return GatewaySpec(replicas=replicas, api_key_secret=secret)
+
+
+def _autoscaling(r: SpecReader, spec: Mapping[str, Any], elasticity: Elasticity) -> Autoscaling | None:
+    if "autoscaling" not in spec:
+        return None
+    raw, path, d = r.obj(spec, "autoscaling", "spec"), "spec.autoscaling", Autoscaling()
+    if "maxReplicas" not in raw:
+        r.bad(f"{path}.maxReplicas", "is required")
+    a = Autoscaling(
+        min_replicas=r.int_(raw, "minReplicas", path, d.min_replicas, 1, 1024) or d.min_replicas,
+        max_replicas=r.int_(raw, "maxReplicas", path, d.max_replicas, 1, 1024) or d.max_replicas,
+        target_demand=r.num(raw, "targetDemand", path, d.target_demand, 0, 4, exclusive_lo=True) or d.target_demand,
+        scale_up_stabilization_s=r.int_(raw, "scaleUpStabilizationSeconds", path, d.scale_up_stabilization_s, 0,
+                                        3600) or 0,
+        scale_down_stabilization_s=r.int_(raw, "scaleDownStabilizationSeconds", path,
+                                          d.scale_down_stabilization_s, 0, 3600) or 0,
+        drain_timeout_s=r.int_(raw, "drainTimeoutSeconds", path, d.drain_timeout_s, 0, 3600) or 0,
+        driver=r.enum(raw, "driver", path, Driver, d.driver) or d.driver,
+    )
+    if a.min_replicas > a.max_replicas:
+        r.bad(f"{path}.minReplicas", f"({a.min_replicas}) must be <= autoscaling.maxReplicas ({a.max_replicas})")
+    if elasticity.enabled and a.target_demand >= elasticity.drop_demand:
+        r.bad(f"{path}.targetDemand", f"({a.target_demand}) must be lower than elasticity.dropDemand "
+                                      f"({elasticity.drop_demand}): the pool is sized to carry its demand without "
+                                      "drops")
+    return a
