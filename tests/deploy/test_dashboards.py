@@ -19,13 +19,7 @@ from tests.deploy.helm_tools import CHART, REPO, VALUES_ALL, by_kind, load_scrip
 DASHBOARDS = CHART / "dashboards"
 # Series of the drop/restore work that the agents do not export yet: name -> type. Once an agent exports
 # one, it must be with this type (the dashboards depend on the suffixes a type produces).
-PENDING = {
-    "kunserve_group_role": "gauge",
-    "kunserve_remote_attention_calls_total": "counter",
-    "kunserve_kv_exchange_bytes_total": "counter",
-    "kunserve_drop_latency_seconds": "histogram",
-    "kunserve_restore_duration_seconds": "histogram",
-}
+PENDING: dict[str, str] = {}
 _CONSTRUCTORS = {"Counter": "counter", "Gauge": "gauge", "Histogram": "histogram", "gauge": "gauge",
                  "CounterMetricFamily": "counter", "GaugeMetricFamily": "gauge", "HistogramMetricFamily": "histogram"}
 _METRIC = re.compile(r"\b((?:vllm:|kunserve_)[a-zA-Z0-9_:]+)")

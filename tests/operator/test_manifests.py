@@ -63,10 +63,12 @@ SMOLLM2_STATEFULSET: dict[str, Any] = {
                         "--dtype", "float32", "--block-size", "16", "--max-num-seqs", "16",
                         "--max-num-batched-tokens", "512", "--threads", "2", "--max-model-len", "2048",
                         "--memory-budget", "1073741824",
+                        "--advertise-host", "$(POD_NAME).smollm2-agents.$(POD_NAMESPACE).svc", "--shutdown-grace", "50",
                     ],
                     "env": [
                         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
                         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                        {"name": "HOME", "value": "/tmp"},
                     ],
                     "ports": [{"name": "grpc", "containerPort": 50051, "protocol": "TCP"},
                               {"name": "metrics", "containerPort": 9400, "protocol": "TCP"}],
@@ -76,10 +78,19 @@ SMOLLM2_STATEFULSET: dict[str, Any] = {
                                        "timeoutSeconds": 3, "failureThreshold": 3},
                     "livenessProbe": {"tcpSocket": {"port": "grpc"}, "periodSeconds": 15, "timeoutSeconds": 5,
                                       "failureThreshold": 4},
+                    "lifecycle": {"preStop": {"sleep": {"seconds": 5}}},
                     "resources": {"requests": {"cpu": "2", "memory": "1536Mi"}, "limits": {"memory": "2Gi"}},
-                    "volumeMounts": [{"name": "model", "mountPath": "/models", "readOnly": True}],
+                    "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                        "capabilities": {"drop": ["ALL"]}},
+                    "volumeMounts": [{"name": "model", "mountPath": "/models", "readOnly": True},
+                                     {"name": "scratch-0", "mountPath": "/tmp"},
+                                     {"name": "scratch-1", "mountPath": "/dev/shm"}],
                 }],
-                "volumes": [{"name": "model", "hostPath": {"path": "/var/lib/kunserve/models", "type": "Directory"}}],
+                "volumes": [{"name": "model", "hostPath": {"path": "/var/lib/kunserve/models", "type": "Directory"}},
+                            {"name": "scratch-0", "emptyDir": {}},
+                            {"name": "scratch-1", "emptyDir": {"medium": "Memory"}}],
+                "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
+                                    "seccompProfile": {"type": "RuntimeDefault"}},
             },
         },
     },
@@ -123,9 +134,16 @@ SMOLLM2_GATEWAY: dict[str, Any] = {
                                        "timeoutSeconds": 3, "failureThreshold": 3},
                     "livenessProbe": {"httpGet": {"path": "/health", "port": "http"}, "initialDelaySeconds": 10,
                                       "periodSeconds": 15, "timeoutSeconds": 5, "failureThreshold": 4},
-                    "volumeMounts": [{"name": "model", "mountPath": "/models", "readOnly": True}],
+                    "env": [{"name": "HOME", "value": "/tmp"}],
+                    "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                        "capabilities": {"drop": ["ALL"]}},
+                    "volumeMounts": [{"name": "model", "mountPath": "/models", "readOnly": True},
+                                     {"name": "scratch-0", "mountPath": "/tmp"}],
                 }],
-                "volumes": [{"name": "model", "hostPath": {"path": "/var/lib/kunserve/models", "type": "Directory"}}],
+                "volumes": [{"name": "model", "hostPath": {"path": "/var/lib/kunserve/models", "type": "Directory"}},
+                            {"name": "scratch-0", "emptyDir": {}}],
+                "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
+                                    "seccompProfile": {"type": "RuntimeDefault"}},
             },
         },
     },
@@ -167,10 +185,10 @@ def test_gpu_pool() -> None:
     assert container["resources"] == {"requests": {"cpu": "8", "memory": "64Gi", "nvidia.com/gpu": "1"},
                                       "limits": {"memory": "64Gi", "nvidia.com/gpu": "1"}}
     assert container["command"][container["command"].index("--device") + 1] == "cuda"
-    assert container["command"][-6:] == ["--max-num-batched-tokens", "8192", "--threads", "8",
-                                         "--gpu-memory-utilization", "0.9"]
-    assert container["volumeMounts"] == [{"name": "model", "mountPath": "/models", "readOnly": True}]
-    assert pod["volumes"] == [{"name": "model", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}}]
+    assert container["command"][-10:-4] == ["--max-num-batched-tokens", "8192", "--threads", "8",
+                                            "--gpu-memory-utilization", "0.9"]
+    assert container["volumeMounts"][0] == {"name": "model", "mountPath": "/models", "readOnly": True}
+    assert pod["volumes"][0] == {"name": "model", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}}
     assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     assert pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]["weight"] == 100
@@ -229,7 +247,28 @@ def test_operator_defaults_image_pull_policy_and_api_keys() -> None:
 def test_pvc_sub_path_is_mounted() -> None:
     body = with_spec(example(GPU), model={"source": {"pvc": {"claimName": "models", "subPath": "llama"}}})
     mount = agent_statefulset(parse_pool(body), CONFIG)["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
-    assert mount == [{"name": "model", "mountPath": "/models", "readOnly": True, "subPath": "llama"}]
+    assert mount[0] == {"name": "model", "mountPath": "/models", "readOnly": True, "subPath": "llama"}
+
+
+def test_tls_secret_is_mounted_and_named_on_agent_and_gateway_commands() -> None:
+    pool = parse_pool(example())
+    mutual = CONFIG.replace(tls_secret="pool-tls", tls_server_name="kunserve-internal")
+    sts = agent_statefulset(pool, mutual)["spec"]["template"]["spec"]
+    gw = gateway_deployment(pool, mutual)["spec"]["template"]["spec"]
+    for pod in (sts, gw):
+        assert {"name": "tls", "secret": {"secretName": "pool-tls"}} in pod["volumes"]
+        mounts = pod["containers"][0]["volumeMounts"]
+        assert {"name": "tls", "mountPath": "/etc/kunserve/tls", "readOnly": True} in mounts
+    agent, gateway = sts["containers"][0]["command"], gw["containers"][0]["command"]
+    tls = ["--tls-cert", "/etc/kunserve/tls/tls.crt", "--tls-key", "/etc/kunserve/tls/tls.key",
+           "--tls-ca", "/etc/kunserve/tls/ca.crt", "--tls-server-name", "kunserve-internal"]
+    assert agent[agent.index("--tls-cert"):agent.index("--tls-cert") + 8] == tls
+    assert gateway[-8:] == tls
+    one_way = CONFIG.replace(tls_secret="pool-tls", tls_mutual=False)
+    assert gateway_deployment(pool, one_way)["spec"]["template"]["spec"]["containers"][0]["command"][-2:] == [
+        "--tls-ca", "/etc/kunserve/tls/ca.crt"]  # verifies the agents, presents no certificate
+    plain = agent_statefulset(pool, CONFIG)["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert not any(a.startswith("--tls") for a in plain)
 
 
 BODIES: dict[str, dict[str, Any]] = {

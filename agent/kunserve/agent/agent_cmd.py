@@ -63,6 +63,7 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "kv-exchange-bytes": (parse_size, 8 << 20, "KV bytes one exchange step moves at most (the bound per step)"),
     "rpc-timeout": (float, 30.0, "deadline in seconds of every call between agents"),
     "restore-weights-from": (str, "checkpoint", "checkpoint (the local host copy) | peers (pull from the group)"),
+    "shutdown-grace": (float, 5.0, "on SIGTERM: seconds open streams get to finish before they are cut"),
     "preemption-mode": (str, "recompute", "recompute | swap (baseline: KV to host memory, PCIe modelled)"),
     "swap-bandwidth": (parse_size, 16 * 1000**3, "modelled host link bytes/s for --preemption-mode swap"),
 }
@@ -211,7 +212,7 @@ async def _serve(s: dict[str, Any]) -> int:
     await stop.wait()
     log.info("agent %s stopping", s["agent-id"])
     agent_servicer.close()
-    await server.stop(grace=5)
+    await server.stop(grace=s["shutdown-grace"])
     await migration.close()
     loop.stop()
     return 0

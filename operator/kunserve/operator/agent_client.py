@@ -8,6 +8,7 @@ codes without importing grpc.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import grpc
 
 from kunserve.operator.plan_types import StagePlan
 from kunserve.operator.reconfig import Action, MemberOutcome
+from kunserve.rpc.tls import TlsFiles, add_tls_arguments, aio_channel
 from kunserve.rpc.v1 import agent_pb2, agent_pb2_grpc
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # as the agents' servers (kunserve.rpc.tensors imports torch)
@@ -168,6 +170,29 @@ def stage_specs(stages: Sequence[StagePlan], endpoints: Mapping[str, str]) -> tu
     return tuple(StageSpec(s.replica, endpoints[s.replica], s.layer_start, s.layer_end) for s in stages)
 
 
+_tls: TlsFiles | None = None
+
+
+def configure_tls(files: TlsFiles | None) -> None:
+    """TLS files of every channel to agents opened from now on (None: plaintext)."""
+    global _tls
+    _tls = files
+
+
+def add_tls_flags(parser: argparse.ArgumentParser) -> None:
+    """The --tls-* flags of the operator's calls to the agents."""
+    add_tls_arguments(parser)
+
+
+def configure_tls_from_args(args: argparse.Namespace) -> None:
+    """Check the files the --tls-* flags name and use them for every channel to agents; raises TlsError
+    (a ValueError naming the file and flag)."""
+    files = TlsFiles.from_args(args)
+    if files is not None:
+        files.read()
+    configure_tls(files)
+
+
 class AgentClients:
     """Channels to agents, one per endpoint, and the Agent RPCs over them (use inside one event loop)."""
 
@@ -178,7 +203,7 @@ class AgentClients:
     def _stub(self, endpoint: str) -> agent_pb2_grpc.AgentStub:
         channel = self._channels.get(endpoint)
         if channel is None:
-            channel = grpc.aio.insecure_channel(endpoint, options=channel_options())
+            channel = aio_channel(endpoint, _tls, channel_options())
             self._channels[endpoint] = channel
         return agent_pb2_grpc.AgentStub(channel)
 

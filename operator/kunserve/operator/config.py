@@ -15,6 +15,10 @@ override them.
     KUNSERVE_STALE_SECONDS        an agent whose pressure is older than this is stale; default 5
     KUNSERVE_METRICS_PORT         serve the pools' autoscaling signals (kunserve_pool_*) on :PORT/metrics; off
                                   when unset
+    KUNSERVE_TLS_SECRET           Secret (tls.crt, tls.key, ca.crt) mounted into agents and gateways at
+                                  /etc/kunserve/tls: their gRPC runs over TLS; plaintext when unset
+    KUNSERVE_TLS_MUTUAL           "true" (default): agents require client certificates of the Secret's CA
+    KUNSERVE_TLS_SERVER_NAME      name expected in the agents' certificates (default: the host dialled)
 """
 
 from __future__ import annotations
@@ -48,6 +52,9 @@ class OperatorConfig:
     rpc_timeout_s: float = 10.0  # Status, Prepare and Abort deadlines
     commit_timeout_s: float = 300.0  # the leader's Commit deadline
     metrics_port: int | None = None  # the pools' autoscaling signals on http://0.0.0.0:PORT/metrics
+    tls_secret: str | None = None  # gRPC TLS for the pools' agents and gateways from this Secret
+    tls_mutual: bool = True  # agents require client certificates (mutual TLS)
+    tls_server_name: str | None = None
 
     @property
     def effective_gateway_image(self) -> str:
@@ -74,11 +81,26 @@ class OperatorConfig:
             values["stale_after_s"] = parse_seconds(env["KUNSERVE_STALE_SECONDS"], "stale threshold")
         if env.get("KUNSERVE_METRICS_PORT"):
             values["metrics_port"] = parse_port(env["KUNSERVE_METRICS_PORT"])
+        if env.get("KUNSERVE_TLS_SECRET"):
+            values["tls_secret"] = env["KUNSERVE_TLS_SECRET"]
+        if env.get("KUNSERVE_TLS_MUTUAL"):
+            values["tls_mutual"] = parse_bool(env["KUNSERVE_TLS_MUTUAL"], "KUNSERVE_TLS_MUTUAL")
+        if env.get("KUNSERVE_TLS_SERVER_NAME"):
+            values["tls_server_name"] = env["KUNSERVE_TLS_SERVER_NAME"]
         return cls(**values)  # type: ignore[arg-type]
 
     def replace(self, **changes: Any) -> OperatorConfig:
         """A copy with the given (non-None) settings changed."""
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def parse_bool(text: str, what: str) -> bool:
+    value = text.strip().lower()
+    if value in ("true", "1", "yes"):
+        return True
+    if value in ("false", "0", "no"):
+        return False
+    raise ConfigError(f"{what} must be true or false, got {text!r}")
 
 
 def parse_pull_policy(text: str) -> PullPolicy:

@@ -48,10 +48,54 @@ def pool_children(pool: ServingPool, config: OperatorConfig, replicas: int | Non
             gateway_service(pool), gateway_deployment(pool, config)]
 
 
+# ------------------------------------------------------------------------------------------------ shared
+
+TLS_VOLUME, TLS_DIR = "tls", "/etc/kunserve/tls"
+UID = 10001  # the images' non-root user
+PRESTOP_SLEEP_S = 5  # endpoints and gateways stop sending new work before SIGTERM arrives
+
+
+def tls_flags(config: OperatorConfig, server: bool) -> list[str]:
+    """--tls-* flags of an agent (server) or a gateway for the mounted Secret; [] without TLS. Agents verify
+    each other with the Secret's CA and, when mutual, require client certificates of it; gateways present
+    the certificate only when mutual."""
+    if config.tls_secret is None:
+        return []
+    flags: list[str] = []
+    if server or config.tls_mutual:
+        flags += ["--tls-cert", f"{TLS_DIR}/tls.crt", "--tls-key", f"{TLS_DIR}/tls.key"]
+    if config.tls_mutual or not server:
+        flags += ["--tls-ca", f"{TLS_DIR}/ca.crt"]
+    if config.tls_server_name:
+        flags += ["--tls-server-name", config.tls_server_name]
+    return flags
+
+
+def _harden(pod: dict[str, Any], container: dict[str, Any], scratch: list[str]) -> None:
+    """Non-root, no privilege escalation, no capabilities, a read-only root filesystem with memory-backed
+    or node-local scratch directories where the process writes (/tmp; /dev/shm for torch)."""
+    pod["securityContext"] = {"runAsNonRoot": True, "runAsUser": UID, "runAsGroup": UID, "fsGroup": UID,
+                              "seccompProfile": {"type": "RuntimeDefault"}}
+    container["securityContext"] = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                    "capabilities": {"drop": ["ALL"]}}
+    container.setdefault("env", []).append({"name": "HOME", "value": "/tmp"})
+    for i, path in enumerate(scratch):
+        name = f"scratch-{i}"
+        medium = {"medium": "Memory"} if path == "/dev/shm" else {}
+        pod.setdefault("volumes", []).append({"name": name, "emptyDir": medium})
+        container.setdefault("volumeMounts", []).append({"name": name, "mountPath": path})
+
+
+def _mount_tls(pod: dict[str, Any], container: dict[str, Any], config: OperatorConfig) -> None:
+    if config.tls_secret is not None:
+        pod.setdefault("volumes", []).append({"name": TLS_VOLUME, "secret": {"secretName": config.tls_secret}})
+        container.setdefault("volumeMounts", []).append({"name": TLS_VOLUME, "mountPath": TLS_DIR, "readOnly": True})
+
+
 # ------------------------------------------------------------------------------------------------ agents
 
 
-def agent_command(pool: ServingPool) -> list[str]:
+def agent_command(pool: ServingPool, config: OperatorConfig | None = None) -> list[str]:
     """`kunserve agent ...` from the pool's model and engine fields (flags of kunserve.agent.agent_cmd)."""
     spec, engine = pool.spec, pool.spec.engine
     command = [
@@ -77,6 +121,11 @@ def agent_command(pool: ServingPool) -> list[str]:
         command += ["--memory-budget", str(engine.memory_budget_bytes)]
     elif spec.uses_gpus:
         command += ["--gpu-memory-utilization", str(engine.gpu_memory_utilization)]
+    if config is not None:
+        command += tls_flags(config, server=True)
+        # Peers reach a pod by its stable name through the headless Service.
+        command += ["--advertise-host", f"$(POD_NAME).{agent_service_name(pool.ref.name)}.$(POD_NAMESPACE).svc"]
+    command += ["--shutdown-grace", str(max(1, spec.termination_grace_period_s - PRESTOP_SLEEP_S - 5))]
     return command
 
 
@@ -112,7 +161,7 @@ def agent_statefulset(pool: ServingPool, config: OperatorConfig, replicas: int |
     container: dict[str, Any] = {
         "name": "agent",
         "image": spec.image or config.agent_image,
-        "command": agent_command(pool),
+        "command": agent_command(pool, config),
         "env": [
             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
             {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
@@ -124,6 +173,9 @@ def agent_statefulset(pool: ServingPool, config: OperatorConfig, replicas: int |
         "readinessProbe": {"httpGet": http_metrics, "periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 3},
         "livenessProbe": {"tcpSocket": {"port": "grpc"}, "periodSeconds": 15, "timeoutSeconds": 5,
                           "failureThreshold": 4},
+        # Gateways and the topology stop sending it work before SIGTERM; the agent then stops admitting,
+        # finishes its streams within --shutdown-grace, and the gateway replays what is left elsewhere.
+        "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SLEEP_S}}},
     }
     pull = spec.image_pull_policy or config.image_pull_policy
     if pull is not None:
@@ -140,6 +192,8 @@ def agent_statefulset(pool: ServingPool, config: OperatorConfig, replicas: int |
     if spec.model.source is not None:
         container["volumeMounts"] = [_model_mount(spec.model.source)]
         pod["volumes"] = [_model_volume(spec.model.source)]
+    _mount_tls(pod, container, config)
+    _harden(pod, container, ["/tmp", "/dev/shm"])
     if spec.node_selector:
         pod["nodeSelector"] = dict(spec.node_selector)
     if spec.tolerations:
@@ -198,7 +252,7 @@ def gateway_command(pool: ServingPool, config: OperatorConfig) -> list[str]:
         command += ["--max-model-len", str(spec.engine.max_model_len)]
     if (spec.gateway.api_key_secret or config.gateway_api_keys) is not None:
         command += ["--api-keys-file", API_KEYS_FILE]
-    return command
+    return command + tls_flags(config, server=False)
 
 
 def gateway_deployment(pool: ServingPool, config: OperatorConfig) -> Manifest:
@@ -231,6 +285,8 @@ def gateway_deployment(pool: ServingPool, config: OperatorConfig) -> Manifest:
                            "containers": [container]}
     if volumes:
         pod["volumes"] = volumes
+    _mount_tls(pod, container, config)
+    _harden(pod, container, ["/tmp"])
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",

@@ -58,6 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "[$KUNSERVE_METRICS_PORT; off]")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--log-format", choices=("plain", "full", "json"), default="full")
+    from kunserve.operator.agent_client import add_tls_flags
+
+    add_tls_flags(p)  # the operator's own calls to the agents (Status, WatchPressure, Prepare, Commit)
 
 
 def build_config(args: argparse.Namespace, env: dict[str, str] | None = None) -> OperatorConfig:
@@ -93,11 +96,13 @@ def kopf_run_options(args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     import kopf
 
+    from kunserve.operator.agent_client import configure_tls_from_args
     from kunserve.operator.handlers import register
 
     try:
         config = build_config(args)
-    except ConfigError as exc:
+        configure_tls_from_args(args)  # a bad file fails at start, with the flag named
+    except (ConfigError, ValueError) as exc:
         print(f"kunserve operator: {exc}", file=sys.stderr)
         return 2
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat[args.log_format.upper()], log_prefix=None)
