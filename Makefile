@@ -15,7 +15,7 @@ STAMP := $(VENV)/.installed
 .PHONY: setup demo test test-fast lint proto proto-check bench helm-render model clean help
 
 help:
-	@echo "make demo    set up, convert SmolLM2-135M-Instruct once, stream a chat answer"
+	@echo "make demo    set up, run 4 SmolLM2 agents in local mode, send a burst, show drops/restores"
 	@echo "make test    set up, run the whole test suite"
 	@echo "make lint    ruff + mypy";  echo "make proto   regenerate gRPC stubs; make proto-check verifies them"
 	@echo "make bench   engine throughput benchmark (writes bench/results/)"
@@ -44,9 +44,8 @@ $(SMOLLM2)/kunserve-preset.json: | $(STAMP)
 model: $(SMOLLM2)/kunserve-preset.json
 
 demo: $(STAMP) model
-	@echo ">> chatting with SmolLM2-135M-Instruct on the KunServe engine"
-	$(VENV)/bin/kunserve generate --model $(SMOLLM2) --chat --threads 2 --max-tokens 96 \
-	  --prompt "What is the capital of France? Answer in two sentences."
+	@echo ">> kunserve up: 4 agents of SmolLM2-135M-Instruct, a burst through the gateway (openai client)"
+	$(PY) -m bench.demo --model $(SMOLLM2)
 
 test: $(STAMP)
 	KUNSERVE_MODELS=$(abspath $(MODELS)) $(PY) -m pytest -q $(PYTEST_ARGS)

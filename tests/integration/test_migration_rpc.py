@@ -1,0 +1,73 @@
+"""Migration service across processes (the Llumnix-style baseline): a running request and a queued one move
+to another agent with their KV and the client's stream on the source goes on with the same tokens."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from kunserve.agent.group_client import Stream, status, wait_until
+from kunserve.rpc.v1 import inference_pb2, migration_pb2, migration_pb2_grpc
+from tests.integration.agent_process import AgentProcess, start_agent
+
+PARAMS = inference_pb2.SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
+PROMPT = [3 + (j * 7) % 200 for j in range(30)]
+
+
+@pytest.fixture(scope="module")
+def agents(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[AgentProcess]]:
+    # 4 blocks of 16 tokens on the source: one 90-token request fits, a second one queues
+    procs = [start_agent(tiny_dir, tmp_path_factory.mktemp(f"mig{i}"), "--agent-id", f"m{i}", "--num-kv-blocks",
+                         n, "--block-size", "16") for i, n in enumerate(("7", "64"))]
+    yield procs
+    for p in procs:
+        assert p.stop() == 0
+
+
+def _migrate(source: AgentProcess, target: AgentProcess, rid: str) -> migration_pb2.MigrateOutResponse:
+    with source.channel() as ch:
+        return migration_pb2_grpc.MigrationStub(ch).MigrateOut(
+            migration_pb2.MigrateOutRequest(request_id=rid, target=target.target), timeout=30)
+
+
+def test_running_and_queued_requests_migrate_with_unchanged_tokens(agents: list[AgentProcess]) -> None:
+    src, dst = agents
+    reference = Stream(dst, "ref", PROMPT, PARAMS).start().wait(120)
+    assert reference.error is None and len(reference.tokens) == 60
+    running = Stream(src, "run", PROMPT, PARAMS).start()
+    wait_until(lambda: len(running.tokens) >= 10, timeout=60)
+    queued = Stream(src, "queued", PROMPT, PARAMS).start()  # no room for it next to "run"
+    time.sleep(0.2)
+    moved = _migrate(src, dst, "run")
+    assert moved.num_tokens >= 10 + len(PROMPT) - 1 and moved.kv_bytes > 0
+    moved_queued = _migrate(src, dst, "queued")
+    for s in (running, queued):
+        s.wait(120)
+        assert s.error is None, s.error
+        assert s.tokens == reference.tokens
+    assert moved_queued.num_tokens >= 0
+    for a in agents:
+        st = status(a)
+        assert st.kv_blocks_free == st.kv_blocks_total
+
+
+def test_unknown_request_and_full_target_are_refused(agents: list[AgentProcess]) -> None:
+    src, dst = agents
+    with pytest.raises(grpc.RpcError) as err:
+        _migrate(src, dst, "nope")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    filler = Stream(src, "fill", list(range(10, 100)), inference_pb2.SamplingParams(
+        max_tokens=15, temperature=0, ignore_eos=True)).start()  # 6 of the source's 7 blocks
+    big = Stream(dst, "big", PROMPT, PARAMS).start()
+    wait_until(lambda: len(filler.tokens) >= 1 and len(big.tokens) >= 5, timeout=60)
+    with pytest.raises(grpc.RpcError) as err:
+        _migrate(dst, src, "big")
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    for s in (filler, big):
+        s.wait(120)
+        assert s.error is None
+    assert big.tokens == Stream(dst, "ref2", PROMPT, PARAMS).start().wait(120).tokens  # it stayed, unchanged
