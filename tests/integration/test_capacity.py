@@ -70,7 +70,9 @@ def test_two_way_drop_runs_at_least_1_6x_the_requests(tiny_dir: Path, tmp_path: 
         with PeakRunning(agents) as before:
             _burst(agents, 2 * sum(blocks) // 4, "before")
         n = sum(before.peak.values())
-        assert n == sum(b // 4 for b in blocks), f"each replica runs as many requests as its pool holds: {before.peak}"
+        # Each replica runs as many requests as its pool holds; chunked prefill may admit one more request
+        # per replica for a moment on a partial prompt (it is preempted when it needs its fourth block).
+        assert 0 <= n - sum(b // 4 for b in blocks) <= len(agents), f"{before.peak} with {blocks} blocks"
 
         layers = status(agents[0]).num_layers
         reconfigure(agents, agent_pb2.ACTION_DROP, even_ranges(layers, 2), epoch=1)
@@ -82,7 +84,7 @@ def test_two_way_drop_runs_at_least_1_6x_the_requests(tiny_dir: Path, tmp_path: 
         reconfigure(agents, agent_pb2.ACTION_RESTORE, even_ranges(layers, 2), epoch=2)
         with PeakRunning(agents) as after:
             _burst(agents, 2 * n, "after")
-        assert sum(after.peak.values()) == n, after.peak
+        assert abs(sum(after.peak.values()) - n) <= len(agents), (after.peak, n)
         assert [status(a).kv_blocks_free for a in agents] == blocks
         print(f"concurrent requests: {n} before the drop, {grown} during ({grown / n:.2f}x), "
               f"{sum(after.peak.values())} after the restore")

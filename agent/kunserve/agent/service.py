@@ -199,26 +199,30 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         self, request: agent_pb2.WatchPressureRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[agent_pb2.Pressure]:
         interval = max(10, request.interval_ms or DEFAULT_PRESSURE_INTERVAL_MS) / 1000
-        engine = self.loop.engine
+        last: tuple[Pressure, int, int | None] | None = None
         while not self._closing.is_set():
             try:
-                p = await asyncio.wrap_future(self.loop.call(lambda: self.loop.engine.pressure()))
+                # The engine thread answers between steps. A step or a reconfiguration can hold it longer
+                # than a follower waits for a message: then the last measurement is sent again (with its
+                # own timestamp), so the stream never goes quiet and a busy agent is not taken for a dead one.
+                measure = asyncio.wrap_future(self.loop.call(self._measure))
+                last = await (measure if last is None else asyncio.wait_for(measure, max(interval, 0.25)))
+            except TimeoutError:
+                pass
             except EngineStoppedError as exc:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
                 return
-            yield pressure_to_proto(self.agent_id, p, self.epoch, engine.scheduler.num_preemptions, self._role(),
-                                    await self._home_blocks())
+            assert last is not None
+            p, preemptions, home = last
+            yield pressure_to_proto(self.agent_id, p, self.epoch, preemptions, self._role(), home)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._closing.wait(), interval)
 
-    async def _home_blocks(self) -> int | None:
-        m = self.member
-        if m is None:
-            return None
-        try:
-            return await asyncio.wrap_future(self.loop.call(m.home_blocks_needed))
-        except EngineStoppedError:
-            return None
+    def _measure(self) -> tuple[Pressure, int, int | None]:
+        """On the engine thread: pressure, preemptions so far, and the blocks of the requests owned here."""
+        e = self.loop.engine
+        home = self.member.home_blocks_needed() if self.member is not None else None
+        return e.pressure(), e.scheduler.num_preemptions, home
 
     async def Prepare(self, request: agent_pb2.PrepareRequest, context: grpc.aio.ServicerContext
                       ) -> agent_pb2.PrepareResponse:

@@ -45,6 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-replays", type=int, default=3, help="re-submissions of a request whose agent failed")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may take in all")
     p.add_argument("--pressure-interval-ms", type=int, default=200)
+    p.add_argument("--stale-after", type=float, default=2.0, metavar="S",
+                   help="a replica whose pressure stream is silent this long is taken as stalled")
     p.add_argument("--ready-file", type=Path, default=None)
     p.add_argument("--log-level", default="INFO")
     from kunserve.rpc.tls import add_tls_arguments
@@ -70,6 +72,7 @@ def build_config(args: argparse.Namespace) -> GatewayConfig:
             max_body_bytes=args.max_body_bytes, max_model_len=args.max_model_len,
             max_tokens_limit=args.max_tokens_limit, max_queue=args.max_queue, max_replays=args.max_replays,
             request_timeout_s=args.request_timeout, pressure_interval_ms=args.pressure_interval_ms,
+            stale_after_s=args.stale_after,
             tls=_tls(args))
     except (ApiKeyError, TopologyError, TlsError, ValueError) as exc:
         raise SystemExit(f"kunserve gateway: {exc}") from exc
