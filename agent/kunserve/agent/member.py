@@ -60,6 +60,9 @@ class Member(DropSteps, RestoreSteps):
         p = self.prepared
         if p is not None and (p.epoch, p.action, p.stages) == (req.epoch, req.action, stages):
             return self._prepared_response(p)
+        if self.applied == (req.epoch, req.action, stages):  # already carried out (a resumed executor asks again)
+            return agent_pb2.PrepareResponse(agent_id=self.agent_id, epoch=req.epoch,
+                                             kv_blocks_total=self.engine.block_manager.num_blocks)
         fail = grpc.StatusCode.FAILED_PRECONDITION
         async with self._lock:
             if req.epoch <= self.epoch:
@@ -146,14 +149,24 @@ class Member(DropSteps, RestoreSteps):
 
     # ---- Agent.Commit (the leader) ---------------------------------------------------------------------
     async def commit(self, epoch: int) -> agent_pb2.CommitResponse:
+        """Carry out the prepared reconfiguration. It runs as a task of its own: a caller that goes away (a
+        controller that dies mid-commit) does not cancel it half-way, and a Commit of the same epoch sent
+        again waits for that same task (or gets its recorded result)."""
         if self.last_commit is not None and self.last_commit.epoch == epoch:
             return self.last_commit
-        p = self.prepared
-        fail = grpc.StatusCode.FAILED_PRECONDITION
-        if p is None or p.epoch != epoch:
-            raise ReconfigurationError(fail, f"epoch {epoch} is not prepared here")
-        if p.stages[0].agent_id != self.agent_id:
-            raise ReconfigurationError(fail, f"commit goes to the group's leader {p.stages[0].agent_id}")
+        task = self._commits.get(epoch)
+        if task is None:
+            p = self.prepared
+            fail = grpc.StatusCode.FAILED_PRECONDITION
+            if p is None or p.epoch != epoch:
+                raise ReconfigurationError(fail, f"epoch {epoch} is not prepared here")
+            if p.stages[0].agent_id != self.agent_id:
+                raise ReconfigurationError(fail, f"commit goes to the group's leader {p.stages[0].agent_id}")
+            task = self._commits[epoch] = asyncio.get_running_loop().create_task(self._commit(p))
+        return await asyncio.shield(task)
+
+    async def _commit(self, p: Prepared) -> agent_pb2.CommitResponse:
+        epoch = p.epoch
         async with self._lock:
             t0 = time.perf_counter()
             if p.action == agent_pb2.ACTION_DROP:
@@ -161,6 +174,7 @@ class Member(DropSteps, RestoreSteps):
             else:
                 members = await self._commit_restore(p)
             self.prepared = None
+            self.applied = (epoch, p.action, p.stages)
             self.last_commit = agent_pb2.CommitResponse(epoch=epoch, members=members,
                                                         seconds=time.perf_counter() - t0)
             self._changed()

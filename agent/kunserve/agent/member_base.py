@@ -112,6 +112,7 @@ class MemberBase:
         self.relay_tokens: dict[str, int] = {}  # their tokens so far (prompt + output): its home pressure
         self.collected: list[MigratedRequest] = []
         self.last_commit: agent_pb2.CommitResponse | None = None
+        self.applied: tuple[int, int, tuple[StagePlan, ...]] | None = None  # the last (epoch, action, stages) done
         self.last_drop_s: float | None = None
         self.last_restore_s: float | None = None
         self.kv_bytes_in = 0
@@ -120,6 +121,7 @@ class MemberBase:
         self._lock = asyncio.Lock()
         self._io = ThreadPoolExecutor(2, thread_name_prefix="kv-exchange")
         self._watchdog: asyncio.Task[None] | None = None
+        self._commits: dict[int, asyncio.Task[agent_pb2.CommitResponse]] = {}  # the leader's commits, by epoch
         self.aio_loop: asyncio.AbstractEventLoop | None = None
         self.on_change: Callable[[MemberBase], None] | None = None  # metrics hook
         loop.on_group_lost = self._group_lost

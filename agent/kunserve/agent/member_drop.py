@@ -153,6 +153,7 @@ class DropSteps(MemberBase):
             index = next(i for i, s in enumerate(p.stages) if s.agent_id == self.agent_id)
             resp = await self._on_engine(lambda: self._join_here(p, index))
             self.epoch, self.stages, self.role, self.prepared = p.epoch, p.stages, Role.STAGE, None
+            self.applied = (p.epoch, p.action, p.stages)
             leader = self._peer(p.stages[0].endpoint)
             self._watchdog = asyncio.get_running_loop().create_task(self._watch_leader(epoch))
             for h in resp.requests:

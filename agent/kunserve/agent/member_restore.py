@@ -115,7 +115,9 @@ class RestoreSteps(MemberBase):
         self._check_restore(epoch)
         assert self.prepared is not None and self.prepared.weights is not None
         weights = self.prepared.weights
+        p = self.prepared
         result = await self._on_engine(lambda: self._split_here(weights))
+        self.applied = (epoch, p.action, p.stages) if p is not None else None
         self.prepared, self.epoch = None, epoch
         self._changed()
         return result

@@ -39,6 +39,13 @@ class Decision:
                             manual=False, pressure=pressure_snapshot(self.pressure))
 
 
+def dissolved_groups(groups: Sequence[FormedGroup], serving_alone: Mapping[str, int]) -> list[FormedGroup]:
+    """Groups a member has left on its own: it reports serving alone at the group's epoch or later (a member
+    lost in the cooperative phase makes the survivors restore themselves). An agent still at an older epoch
+    has not seen the group's commit yet and says nothing about it."""
+    return [g for g in groups if any(serving_alone.get(m, -1) >= g.epoch for m in g.members)]
+
+
 def replica_names(pool: str, replicas: int) -> list[str]:
     """The agents of a pool: pod names in Kubernetes, the same ids in local mode."""
     return [agent_pod_name(pool, i) for i in range(replicas)]

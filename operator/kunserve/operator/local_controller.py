@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -23,7 +24,7 @@ from redis.exceptions import RedisError
 
 from kunserve.operator.autoscale import ScaleDecision, ScaleState
 from kunserve.operator.autoscale_status import PoolMetrics
-from kunserve.operator.controller import decide_round, next_epoch, replica_names
+from kunserve.operator.controller import decide_round, dissolved_groups, next_epoch, replica_names
 from kunserve.operator.cost_model import CostModel, even_split
 from kunserve.operator.executor import Executor, OutcomeUnknownError
 from kunserve.operator.plan_types import StagePlan
@@ -63,6 +64,9 @@ def reply_key(pool: str, request_id: str) -> str:
 
 def state_key(pool: str) -> str:
     return f"kunserve:local:{pool}"
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -149,6 +153,7 @@ class LocalController:
             raw = await self.redis.lpop(requests_key(self.name))
             if isinstance(raw, str | bytes):
                 return await self.manual(raw)
+            await self.forget_dissolved()
             scaling = self.pool.spec.autoscaling
             if not self.pool.spec.elasticity.enabled and scaling is None:
                 return None
@@ -170,6 +175,18 @@ class LocalController:
                 return None
             self.low_since.pop(decision.group.id, None)
             return await self.run(decision.spec(self.name, self.take_epoch()))
+
+    async def forget_dissolved(self) -> None:
+        """Drop the groups a member left on its own (see controller.dissolved_groups) and publish the topology
+        under a new epoch, so it matches what the agents report."""
+        gone = dissolved_groups(self.groups, self.collector.serving_alone())
+        if not gone:
+            return
+        self.groups = tuple(g for g in self.groups if g not in gone)
+        self.epoch = self.take_epoch()
+        log.warning("pool %s: groups %s were left by their members (a member was lost); forgotten",
+                    self.name, [g.id for g in gone])
+        await self.publish()
 
     async def apply_scale(self, scale: ScaleDecision) -> None:
         """The autoscaler's decision: replicas removed from the topology before their processes stop, new ones

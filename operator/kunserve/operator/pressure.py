@@ -155,6 +155,12 @@ class PressureCollector:
         """One agent's latest pressure (None before its first message)."""
         return next((p for p in self.snapshot(now) if p.name == agent_id), None)
 
+    def serving_alone(self, now: float | None = None) -> dict[str, int]:
+        """agent id -> epoch of every fresh agent whose latest message says it serves alone (role replica)."""
+        now = self.clock() if now is None else now
+        return {a: s.sample.epoch for a, s in self.agents.items()
+                if s.sample is not None and s.sample.role is AgentRole.REPLICA and not self.is_stale(s, now)}
+
     def statuses(self) -> dict[str, AgentStatus]:
         """The last Status read from each agent."""
         return {a: s.status for a, s in self.agents.items() if s.status is not None}

@@ -1,0 +1,164 @@
+"""The soak's controller process: local mode's `LocalController` (manual drops and restores from the Redis
+request list, through the operator's executor, records in Redis, the topology published under new epochs),
+plus what an operator restart does in Kubernetes: resume from what is persisted.
+
+    python -m bench.soak.controller --redis URL --pool-file pool.yaml --endpoints '{"soak-agent-0": "host:port"}'
+
+At start it reads the pool's last published state (`kunserve:local:{pool}`: epoch, groups) and every
+reconfiguration record (`kunserve:reconfigurations:{pool}`); a record that is not terminal is resumed by the
+executor (Prepare is idempotent, a leader that reached the epoch is asked for its result again), bounded in
+attempts: a record whose outcome stays unknown is left as it is and counted by the invariant check.
+
+`--reconcile-groups`: a group none of whose members still reports being in it (a member crashed, the
+survivors disbanded themselves) is removed from the pool's groups and the topology is published under a new
+epoch. The operator has no such step (see the soak report and tests/soak/test_group_reconcile.py); each use
+is counted in Redis (`soak:{pool}:reconciled`) and reported, never hidden.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+
+import yaml
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from kunserve.operator.agent_client import AgentCallError, AgentClients
+from kunserve.operator.executor import Executor, ExecutorSettings, OutcomeUnknownError
+from kunserve.operator.local import local_cost_model
+from kunserve.operator.local_controller import LocalController, RedisRecordStore, records_key, state_key
+from kunserve.operator.pressure import PressureCollector
+from kunserve.operator.reconfig import (
+    FormedGroup,
+    ReconfigRecord,
+    ReconfigSpec,
+    apply_committed,
+)
+from kunserve.operator.validation import parse_pool
+
+RESUME_ATTEMPTS = 5
+log = logging.getLogger("bench.soak.controller")
+
+
+def reconciled_key(pool: str) -> str:
+    return f"soak:{pool}:reconciled"
+
+
+async def recover(ctl: LocalController) -> int:
+    """Epoch and groups from the last published state; unfinished records resumed. Returns how many resumed."""
+    raw = await ctl.redis.get(state_key(ctl.name))
+    if raw:
+        state = json.loads(raw)
+        ctl.epoch = int(state.get("epoch") or 0)
+        ctl.groups = tuple(FormedGroup.from_status(g) for g in state.get("groups") or [])
+    records = await ctl.redis.hgetall(records_key(ctl.name))
+    pending: list[tuple[str, ReconfigSpec, ReconfigRecord]] = []
+    for name, text in records.items():
+        doc = json.loads(text)
+        spec = ReconfigSpec.from_cr_spec(doc["spec"])
+        record = ReconfigRecord.from_status(doc.get("status"))
+        ctl.allocated = max(ctl.allocated, ctl.epoch, spec.epoch)
+        if not record.terminal:
+            pending.append((str(name), spec, record))
+    for name, spec, record in sorted(pending, key=lambda p: p[1].epoch):
+        await resume(ctl, name, spec, record)
+    return len(pending)
+
+
+async def resume(ctl: LocalController, name: str, spec: ReconfigSpec, record: ReconfigRecord) -> None:
+    store = RedisRecordStore(ctl.redis, ctl.name, name, spec, record)
+
+    async def committed(s: ReconfigSpec, r: ReconfigRecord) -> None:
+        ctl.groups = apply_committed(ctl.groups, s, r.committed_groups, name)
+        ctl.epoch = max(ctl.epoch, s.epoch)
+        await ctl.publish()
+
+    endpoints = {m: ctl.endpoints[m] for m in spec.members if m in ctl.endpoints}
+    for attempt in range(1, RESUME_ATTEMPTS + 1):
+        try:
+            final = await ctl.executor.execute(spec, endpoints, record=store.last, store=store, on_committed=committed,
+                                               current_epoch=ctl.epoch, num_layers=ctl.cost.num_layers)
+            print(f"resumed {name}: {final.phase.value} ({final.message})", flush=True)
+            return
+        except OutcomeUnknownError as exc:
+            print(f"resume of {name}, attempt {attempt}: {exc}", flush=True)
+            await asyncio.sleep(1.0)
+    print(f"resume of {name}: outcome still unknown after {RESUME_ATTEMPTS} attempts; left as it is", flush=True)
+
+
+async def reconcile(ctl: LocalController, clients: AgentClients) -> None:
+    """Forget groups none of whose members reports being in them any more (see the module docstring)."""
+    async with ctl.lock:
+        broken = []
+        for g in ctl.groups:
+            inside = 0
+            for m in g.members:
+                try:
+                    st = await clients.status(ctl.endpoints[m], 5.0)
+                except AgentCallError:
+                    inside += 1  # cannot tell: not broken yet
+                    continue
+                inside += int(st.role.grouped and st.epoch == g.epoch)
+            if inside == 0:
+                broken.append(g)
+        if not broken:
+            return
+        ctl.groups = tuple(g for g in ctl.groups if g not in broken)
+        ctl.epoch = ctl.take_epoch()
+        await ctl.publish()
+        await ctl.redis.incrby(reconciled_key(ctl.name), len(broken))
+        print(f"reconciled: groups {[g.id for g in broken]} have no members left; topology epoch {ctl.epoch}",
+              flush=True)
+
+
+async def serve(args: argparse.Namespace) -> int:
+    raw = yaml.safe_load(Path(args.pool_file).read_text())
+    raw.setdefault("metadata", {}).setdefault("namespace", "local")
+    pool = parse_pool(raw)
+    redis = Redis.from_url(args.redis, socket_connect_timeout=2, socket_timeout=10, decode_responses=True)
+    clients = AgentClients(args.rpc_timeout)
+    settings = ExecutorSettings(prepare_timeout_s=args.rpc_timeout, commit_timeout_s=args.rpc_timeout * 4,
+                                abort_timeout_s=args.rpc_timeout, status_timeout_s=5.0)
+    ctl = LocalController(pool=pool, redis=redis, endpoints=dict(json.loads(args.endpoints)),
+                          cost=local_cost_model(pool), collector=PressureCollector(clients),
+                          executor=Executor(clients, settings), out=lambda line: print(line, flush=True))
+    while True:  # Redis may be restarting too
+        try:
+            resumed = await recover(ctl)
+            await ctl.publish()
+            break
+        except (RedisError, OSError) as exc:
+            print(f"recovery waits for Redis: {exc}", flush=True)
+            await asyncio.sleep(0.5)
+    print(f"controller up: epoch {ctl.epoch}, groups {[g.id for g in ctl.groups]}, {resumed} resumed", flush=True)
+    while True:
+        try:
+            await ctl.step()
+            if args.reconcile_groups and ctl.groups:
+                await reconcile(ctl, clients)
+        except (RedisError, OSError) as exc:
+            print(f"round failed: {type(exc).__name__}: {exc}", flush=True)
+            await asyncio.sleep(0.5)
+        await asyncio.sleep(args.interval)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench.soak.controller", description=__doc__.split("\n")[0])
+    p.add_argument("--redis", required=True)
+    p.add_argument("--pool-file", required=True)
+    p.add_argument("--endpoints", required=True, help="JSON object: agent id -> host:port")
+    p.add_argument("--interval", type=float, default=0.2)
+    p.add_argument("--rpc-timeout", type=float, default=15.0)
+    p.add_argument("--reconcile-groups", action=argparse.BooleanOptionalAction, default=True)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
