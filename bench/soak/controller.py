@@ -11,8 +11,9 @@ attempts: a record whose outcome stays unknown is left as it is and counted by t
 
 `--reconcile-groups`: a group none of whose members still reports being in it (a member crashed, the
 survivors disbanded themselves) is removed from the pool's groups and the topology is published under a new
-epoch. The operator has no such step (see the soak report and tests/soak/test_group_reconcile.py); each use
-is counted in Redis (`soak:{pool}:reconciled`) and reported, never hidden.
+epoch. The controller's own round does this now (LocalController.forget_dissolved, from the members'
+pressure; tests/soak/test_group_reconcile.py); this check, from the members' Status, stays as a safety net
+and each use is counted in Redis (`soak:{pool}:reconciled`) and reported, never hidden.
 """
 
 from __future__ import annotations
