@@ -57,8 +57,12 @@ def test_round_trip_single_segment() -> None:
     assert torch.equal(gk, k[[4, 0, 4]]) and torch.equal(gv, v[[4, 0, 4]])
     # The other layer and unwritten slots are untouched; block 0 (what padded reads point at) is zeros.
     after3 = c.gather(3, torch.arange(12))
-    assert all(torch.equal(a, b) for a, b in zip(before3, after3, strict=True))
-    assert torch.equal(c.gather(5, torch.tensor([1, 2, 4]))[0], before5)
+
+    def same(a: torch.Tensor, b: torch.Tensor) -> bool:  # bitwise: unwritten slots may hold NaN patterns
+        return torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+    assert all(same(a, b) for a, b in zip(before3, after3, strict=True))
+    assert same(c.gather(5, torch.tensor([1, 2, 4]))[0], before5)
     assert torch.count_nonzero(c.gather(3, torch.arange(4))[0]) == 0
     assert torch.count_nonzero(c.gather(5, torch.tensor([1, 2]))[1]) == 0
     # Physical placement: slot 5 is block 1, offset 1 in layer 5's slab.
@@ -84,7 +88,7 @@ def test_round_trip_across_segments() -> None:
     assert torch.equal(seg.slabs[3][0, 1, 3], k[0])  # slot 19 = block 4 -> local block 1, offset 3
     assert torch.equal(seg.slabs[3][1, 0, 0], v[2])  # slot 12 = block 3 -> local block 0, offset 0
     assert torch.equal(c.segments[0].slabs[3][0, 2, 3], k[3])  # slot 11 in the first segment
-    assert torch.equal(c.gather(5, slots)[0], other)  # the other layer is untouched
+    assert torch.equal(c.gather(5, slots)[0].view(torch.int32), other.view(torch.int32))  # the other layer
 
 
 def test_write_only_into_one_segment_of_several_and_three_segments() -> None:
