@@ -57,6 +57,8 @@ class BlockManager:
 
     def lowest_free(self, k: int) -> list[int]:
         """The k lowest free ids (what the next allocation of k blocks would get), fewer if fewer are free."""
+        if k == 1:  # the common case (a request crossing into its next block): the heap's top
+            return self._free[:1]
         return heapq.nsmallest(k, self._free)
 
     def mark_used(self, blocks: list[int]) -> None:

@@ -109,11 +109,11 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self, max_seqs: int | None = None) -> ScheduledBatch:
-        """One batch: running sequences first, then admissions. max_seqs caps the sequences in this batch
-        (a pipeline leader forms several smaller batches); sequences marked busy are skipped."""
+    def schedule(self, max_seqs: int | None = None, max_tokens: int | None = None) -> ScheduledBatch:
+        """One batch: running sequences first, then admissions. max_seqs / max_tokens cap this batch (a
+        pipeline leader forms several smaller batches); sequences marked busy are skipped."""
         batch = ScheduledBatch()
-        budget = self.config.max_num_batched_tokens
+        budget = self.config.max_num_batched_tokens if max_tokens is None else max_tokens
         cap = max_seqs if max_seqs is not None else self.config.max_num_seqs
         alloc = self.allocator
         i = 0

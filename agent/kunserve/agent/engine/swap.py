@@ -69,8 +69,8 @@ class SwapScheduler(Scheduler):
         self._transfer(nbytes)
         self.waiting.appendleft(seq)
 
-    def schedule(self, max_seqs: int | None = None) -> ScheduledBatch:
-        batch = super().schedule(max_seqs)
+    def schedule(self, max_seqs: int | None = None, max_tokens: int | None = None) -> ScheduledBatch:
+        batch = super().schedule(max_seqs, max_tokens)
         for seq in batch.seqs:
             entry = self.swapped.pop(seq.request_id, None)
             if entry is None:
