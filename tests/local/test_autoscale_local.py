@@ -24,8 +24,9 @@ pytestmark = pytest.mark.timeout(150)
 PLAN_S = 0.5
 STARTUP_DELAY_S = 4.0
 # The burst: SPIKE requests at once (their KV is 2.3x the two replicas' pools: a queue at any CPU speed), then
-# TAIL_RATE requests/s until the new replica has served for TAIL_AFTER_S (at most MAX_TAIL_S).
-SPIKE, TAIL_RATE, TAIL_AFTER_S, MAX_TAIL_S, PROMPT, MAX_TOKENS = 24, 3.0, 3.0, 45.0, 40, 160
+# TAIL_RATE requests/s until the new replica has served for TAIL_AFTER_S (at most MAX_TAIL_S): enough to keep
+# demand above the cancel threshold until the new replica is Ready, on a fast machine too.
+SPIKE, TAIL_RATE, TAIL_AFTER_S, MAX_TAIL_S, PROMPT, MAX_TOKENS = 24, 6.0, 3.0, 45.0, 40, 160
 POOL = """\
 apiVersion: kunserve.io/v1alpha1
 kind: ServingPool

@@ -235,10 +235,11 @@ class GroupLeader:
 
     def _launch(self) -> bool:
         sched = self.scheduler
-        # Each of the `depth` micro-batches in flight gets its share of the sequences and of the token budget,
-        # so a long queue does not make one all prefill and the other all decodes (stages would idle).
+        # Each of the `depth` micro-batches in flight gets its share of the sequences and of the group's token
+        # budget (one agent's budget per stage), so a long queue does not make one all prefill and the other
+        # all decodes, and the group prefills as fast as its members would alone.
         cap = max(1, math.ceil((len(sched.running) + len(sched.waiting)) / self.depth))
-        tokens = max(1, math.ceil(sched.config.max_num_batched_tokens / self.depth))
+        tokens = max(1, math.ceil(sched.config.max_num_batched_tokens * len(self.stages) / self.depth))
         batch = sched.schedule(max_seqs=cap, max_tokens=tokens)
         for victim in batch.preempted:
             log.info("preempted %s (recompute)", victim.request_id)
