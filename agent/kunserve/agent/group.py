@@ -248,8 +248,7 @@ class GroupLeader:
         order = sorted(range(len(batch.seqs)), key=lambda i: batch.num_new_tokens[i] != 1)  # decodes first
         seqs = [batch.seqs[i] for i in order]
         specs, samplers = [], []
-        for seq in seqs:
-            n = batch.num_new_tokens[batch.seqs.index(seq)]
+        for seq, n in zip(seqs, (batch.num_new_tokens[i] for i in order), strict=True):
             g = self.seqs[seq.request_id]
             start = seq.num_computed_tokens
             sample = start + n == seq.num_tokens
