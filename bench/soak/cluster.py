@@ -52,8 +52,13 @@ class Pod:
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     pids: list[int] = field(default_factory=list)
-    rss: list[tuple[float, int, int]] = field(default_factory=list)  # (t, pid, KiB)
+    rss: list[tuple[float, int, int]] = field(default_factory=list)  # (t, incarnation, KiB)
     down_since: float | None = None
+
+    @property
+    def incarnation(self) -> int:
+        """How many times this pod was started: tells its processes apart (pids wrap and are reused)."""
+        return len(self.pids)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -217,7 +222,7 @@ class Cluster:
                         assert pod.proc is not None
                         kib = vm_rss_kib(pod.proc.pid)
                         if kib is not None:
-                            pod.rss.append((time.time(), pod.proc.pid, kib))
+                            pod.rss.append((time.time(), pod.incarnation, kib))
             self._stop.wait(interval_s)
 
     def all_up(self) -> bool:

@@ -72,7 +72,7 @@ class EpochMonitor:
     interval_s: float = 2.0
     violations: list[str] = field(default_factory=list)
     topology_epochs: list[int] = field(default_factory=list)
-    agent_epochs: dict[tuple[str, int], int] = field(default_factory=dict)  # (agent, pid) -> last epoch
+    agent_epochs: dict[tuple[str, int], int] = field(default_factory=dict)  # (agent, incarnation) -> epoch
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -99,15 +99,21 @@ class EpochMonitor:
             pass  # Redis restarting
         for agent, endpoint in self.cluster.endpoints.items():
             pod = self.cluster.pods[agent]
+            # The process is told apart by its incarnation (how many times the supervisor started it), read
+            # on both sides of the call: a restart in between leaves unknown which process answered, and a
+            # pid alone may be reused by the OS.
+            incarnation = pod.incarnation
             try:
                 st = agent_status(endpoint)
             except grpc.RpcError:
                 continue
+            if pod.incarnation != incarnation:
+                continue
             pid = pod.pids[-1] if pod.pids else 0
-            last = self.agent_epochs.get((agent, pid))
+            last = self.agent_epochs.get((agent, incarnation))
             if last is not None and st.epoch < last:
                 self.violations.append(f"{agent} (pid {pid}) epoch went back: {last} -> {st.epoch}")
-            self.agent_epochs[(agent, pid)] = int(st.epoch)
+            self.agent_epochs[(agent, incarnation)] = int(st.epoch)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -205,8 +211,11 @@ def check_memory(report: Report, cluster: Cluster, after: float, limit_mib_per_m
     slopes: dict[str, str] = {}
     worst = 0.0
     for pod in cluster.pods.values():
-        pid = max(pod.pids, key=lambda p: sum(1 for s in pod.rss if s[1] == p and s[0] >= after)) if pod.pids else 0
-        samples = [(t, kib) for t, p, kib in pod.rss if p == pid and t >= after]
+        # The process that ran longest after warm-up (one incarnation: a restarted one starts small again).
+        run = max(range(1, pod.incarnation + 1), key=lambda i: sum(1 for s in pod.rss if s[1] == i and s[0] >= after),
+                  default=0)
+        pid = pod.pids[run - 1] if run else 0
+        samples = [(t, kib) for t, i, kib in pod.rss if i == run and t >= after]
         slope = slope_mib_per_min(samples)
         if slope is None:
             slopes[pod.name] = "too few samples"

@@ -7,9 +7,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
+from bench.soak import invariants
 from bench.soak.chaos import ChaosKind, ChaosRates, schedule
-from bench.soak.invariants import slope_mib_per_min
+from bench.soak.cluster import Pod
+from bench.soak.invariants import EpochMonitor, slope_mib_per_min
 from bench.soak.run import SoakConfig, run_soak
+from kunserve.rpc.v1 import agent_pb2
 
 SEED = 7
 PROFILE = ChaosRates(drop=3.0, restore=3.0, kill_agent=1.0, restart_redis=0.7, restart_controller=0.7)
@@ -26,6 +31,41 @@ def test_the_schedule_is_seeded_and_covers_every_kind() -> None:
 def test_rss_slope() -> None:
     assert slope_mib_per_min([(60.0 * i, 1024 * (100 + 2 * i)) for i in range(6)]) == 2.0
     assert slope_mib_per_min([(1.0, 1), (2.0, 1)]) is None
+
+
+class _Agents:
+    """Just enough of a Cluster for the EpochMonitor: one agent pod whose restarts reuse its pid."""
+
+    def __init__(self) -> None:
+        self.pods = {"a": Pod(name="a", kind="agent", start=lambda: None)}  # type: ignore[arg-type,return-value]
+        self.endpoints = {"a": "127.0.0.1:1"}
+
+    def redis_client(self) -> None:
+        raise ConnectionError("no redis in this test")
+
+
+def test_epoch_monitor_tells_processes_apart_by_incarnation_not_pid(monkeypatch: pytest.MonkeyPatch) -> None:
+    cluster = _Agents()
+    pod = cluster.pods["a"]
+    answers: list[tuple[int, int | None]] = []  # (epoch it reports, pid the supervisor starts during the call)
+
+    def status(endpoint: str) -> agent_pb2.StatusResponse:
+        epoch, restart_as = answers.pop(0)
+        if restart_as is not None:
+            pod.pids.append(restart_as)
+        return agent_pb2.StatusResponse(epoch=epoch)
+
+    monkeypatch.setattr(invariants, "agent_status", status)
+    monitor = EpochMonitor(cluster)  # type: ignore[arg-type]
+    pod.pids.append(100)
+    answers += [(5, None), (7, None), (7, 100), (0, None), (3, None)]
+    for _ in range(5):
+        monitor.sample()
+    # a restart during the call (the answer's process unknown), then the same pid again (reused): no violation
+    assert monitor.violations == []
+    answers += [(1, None)]
+    monitor.sample()  # the same process went back: 3 -> 1
+    assert monitor.violations == ["a (pid 100) epoch went back: 3 -> 1"]
 
 
 def test_three_minutes_of_chaos_lose_and_leak_nothing(tiny_dir: Path, tmp_path: Path) -> None:
