@@ -34,7 +34,7 @@ from bench.probe import AgentSample, sample
 from bench.workload import BurstShape, Lengths, Phase, WorkItem, generate, prompt_ids, summary
 from kunserve.agent.launch import AgentProcess, start_agent
 from kunserve.operator.plan_types import PoolSpec
-from kunserve.rpc.tensors import grpc_channel_options
+from kunserve.rpc.options import message_limits
 from kunserve.rpc.v1 import inference_pb2, inference_pb2_grpc
 
 
@@ -98,7 +98,7 @@ class Runner:
                                                          "--agent-id", i, *flags, timeout=300.0) for i in ids))
         self.agents = dict(zip(ids, procs, strict=True))
         self.open = dict.fromkeys(ids, 0)
-        self.channels = {i: grpc.aio.insecure_channel(p.target, options=grpc_channel_options())
+        self.channels = {i: grpc.aio.insecure_channel(p.target, options=message_limits())
                          for i, p in self.agents.items()}
 
     def stop_agents(self) -> None:

@@ -29,7 +29,7 @@ from kunserve.operator.executor import Executor, ExecutorSettings, OutcomeUnknow
 from kunserve.operator.plan_types import PoolSpec, ReplicaPressure
 from kunserve.operator.pressure import PressureCollector
 from kunserve.operator.reconfig import FormedGroup, ReconfigRecord, ReconfigSpec, apply_committed
-from kunserve.rpc.tensors import grpc_channel_options
+from kunserve.rpc.options import message_limits
 from kunserve.rpc.v1 import migration_pb2, migration_pb2_grpc
 
 
@@ -149,7 +149,7 @@ class Controller:
         for rid in order[: self.migrate_per_round]:
             start = self.clock()
             try:
-                async with grpc.aio.insecure_channel(self.endpoints[src.name], options=grpc_channel_options()) as ch:
+                async with grpc.aio.insecure_channel(self.endpoints[src.name], options=message_limits()) as ch:
                     answer = await migration_pb2_grpc.MigrationStub(ch).MigrateOut(
                         migration_pb2.MigrateOutRequest(request_id=rid, target=self.endpoints[dst.name]), timeout=60)
             except grpc.aio.AioRpcError as exc:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from concurrent import futures
 
@@ -11,12 +13,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kunserve.rpc.options import control_channel_options, message_limits
 from kunserve.rpc.tensors import (
     DTYPES,
     MAX_MESSAGE_BYTES,
     WireError,
     assemble_chunks,
-    grpc_channel_options,
     iter_chunks,
     tensor_from_proto,
     tensor_to_proto,
@@ -325,12 +327,18 @@ def test_property_roundtrip(
 
 
 def test_channel_options() -> None:
-    opts = dict(grpc_channel_options())
-    assert opts == {
-        "grpc.max_send_message_length": MAX_MESSAGE_BYTES,
-        "grpc.max_receive_message_length": MAX_MESSAGE_BYTES,
-    }
+    limits = {"grpc.max_send_message_length": MAX_MESSAGE_BYTES, "grpc.max_receive_message_length": MAX_MESSAGE_BYTES}
+    assert dict(message_limits()) == limits
     assert MAX_MESSAGE_BYTES == 64 * 1024 * 1024
+    control = dict(control_channel_options())
+    assert control.items() >= limits.items()
+    assert control["grpc.enable_retries"] == 0 and control["grpc.max_reconnect_backoff_ms"] <= 2_000
+
+
+def test_the_gateway_and_operator_channel_options_do_not_import_torch() -> None:
+    code = ("import sys; import kunserve.rpc.options, kunserve.gateway.replicas, kunserve.operator.agent_client; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_5mib_tensor_crosses_real_grpc_server() -> None:
@@ -349,7 +357,7 @@ def test_5mib_tensor_crosses_real_grpc_server() -> None:
             )
         },
     )
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), options=grpc_channel_options())
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), options=message_limits())
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
     assert port > 0
@@ -357,7 +365,7 @@ def test_5mib_tensor_crosses_real_grpc_server() -> None:
     try:
         t = _sample(torch.bfloat16, (5, 1024, 512), seed=7)  # 5 MiB, above gRPC's 4 MiB default
         assert t.numel() * t.element_size() == 5 * 1024 * 1024
-        with grpc.insecure_channel(f"127.0.0.1:{port}", options=grpc_channel_options()) as channel:
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=message_limits()) as channel:
             call = channel.unary_unary(
                 method,
                 request_serializer=tensor_pb2.Tensor.SerializeToString,

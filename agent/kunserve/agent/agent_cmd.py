@@ -136,7 +136,7 @@ async def _serve(s: dict[str, Any]) -> int:
     from kunserve.agent.metrics import AgentMetrics
     from kunserve.agent.peer import PeerServicer
     from kunserve.agent.service import AgentServicer, InferenceServicer
-    from kunserve.rpc.tensors import grpc_channel_options
+    from kunserve.rpc.options import message_limits
     from kunserve.rpc.tls import add_port, describe
     from kunserve.rpc.v1 import agent_pb2_grpc, inference_pb2_grpc, peer_pb2_grpc
 
@@ -168,7 +168,7 @@ async def _serve(s: dict[str, Any]) -> int:
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
         ("grpc.http2.max_ping_strikes", 0),
     ]
-    server = grpc.aio.server(options=grpc_channel_options() + keepalive)
+    server = grpc.aio.server(options=message_limits() + keepalive)
     channels.configure(s["tls"])  # the agent's own calls to its peers use the same files
     try:
         port = add_port(server, f"{s['host']}:{s['port']}", s["tls"])

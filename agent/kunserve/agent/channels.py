@@ -11,7 +11,7 @@ import threading
 
 import grpc
 
-from kunserve.rpc.tensors import grpc_channel_options
+from kunserve.rpc.options import message_limits
 from kunserve.rpc.tls import TlsFiles, aio_channel, channel
 
 _tls: TlsFiles | None = None
@@ -30,7 +30,7 @@ def sync(target: str) -> grpc.Channel:
     with _lock:
         ch = _sync.get(target)
         if ch is None:
-            ch = _sync[target] = channel(target, _tls, grpc_channel_options())
+            ch = _sync[target] = channel(target, _tls, message_limits())
         return ch
 
 
@@ -39,7 +39,7 @@ def aio(target: str) -> grpc.aio.Channel:
     key = (id(asyncio.get_running_loop()), target)
     ch = _aio.get(key)
     if ch is None:
-        ch = _aio[key] = aio_channel(target, _tls, grpc_channel_options())
+        ch = _aio[key] = aio_channel(target, _tls, message_limits())
     return ch
 
 

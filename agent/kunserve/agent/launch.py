@@ -13,7 +13,7 @@ from pathlib import Path
 
 import grpc
 
-from kunserve.rpc.tensors import grpc_channel_options
+from kunserve.rpc.options import message_limits
 from kunserve.rpc.tls import TlsFiles
 from kunserve.rpc.tls import channel as tls_channel
 
@@ -35,7 +35,7 @@ class AgentProcess:
         return f"127.0.0.1:{self.grpc_port}"
 
     def channel(self) -> grpc.Channel:
-        return tls_channel(self.target, self.tls, grpc_channel_options())
+        return tls_channel(self.target, self.tls, message_limits())
 
     def stop(self, timeout: float = 15.0) -> int:
         if self.proc.poll() is None:

@@ -24,7 +24,8 @@ from kunserve.agent.engine.sequence import SamplingParams, Sequence, SequenceSta
 from kunserve.agent.engine_loop import EngineLoop, EngineStoppedError, Sink
 from kunserve.agent.errors import InvalidRequestError, PoolError
 from kunserve.agent.service import output_to_proto, sampling_from_proto
-from kunserve.rpc.tensors import assemble_chunks, grpc_channel_options
+from kunserve.rpc.options import message_limits
+from kunserve.rpc.tensors import assemble_chunks
 from kunserve.rpc.v1 import inference_pb2, migration_pb2, migration_pb2_grpc, peer_pb2, peer_pb2_grpc
 
 
@@ -59,7 +60,7 @@ class MigrationServicer(migration_pb2_grpc.MigrationServicer):
     def _channel(self, target: str) -> grpc.aio.Channel:
         ch = self._channels.get(target)
         if ch is None:
-            ch = self._channels[target] = grpc.aio.insecure_channel(target, options=grpc_channel_options())
+            ch = self._channels[target] = grpc.aio.insecure_channel(target, options=message_limits())
         return ch
 
     # ---- engine-thread steps ----------------------------------------------------------------------------

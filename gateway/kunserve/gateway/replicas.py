@@ -18,28 +18,15 @@ from enum import Enum
 import grpc
 
 from kunserve.gateway.topology import ReplicaSpec, Topology
+from kunserve.rpc.options import control_channel_options
 from kunserve.rpc.tls import TlsFiles, aio_channel
 from kunserve.rpc.v1 import agent_pb2, agent_pb2_grpc, inference_pb2_grpc
 
 log = logging.getLogger(__name__)
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # as the agents' servers (kunserve.rpc.tensors, which imports torch)
 WATCH_ROTATE_S = 300.0  # the pressure stream's deadline; it is re-opened when it expires
 BACKOFF_INITIAL_S = 0.1
 BACKOFF_MAX_S = 5.0
 
-
-def channel_options() -> list[tuple[str, int]]:
-    return [
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.keepalive_time_ms", 20_000),  # finds a dead peer that never closed the connection
-        ("grpc.keepalive_timeout_ms", 10_000),
-        ("grpc.http2.max_pings_without_data", 0),
-        ("grpc.initial_reconnect_backoff_ms", 100),  # a restarted agent is usable again within ~2 s
-        ("grpc.min_reconnect_backoff_ms", 100),
-        ("grpc.max_reconnect_backoff_ms", 2_000),
-        ("grpc.enable_retries", 0),  # retrying is the gateway's job (token replay), not the channel's
-    ]
 
 
 class Health(Enum):
@@ -129,7 +116,7 @@ class ReplicaRegistry:
             if rid in self.replicas:
                 self.replicas[rid].spec = spec
             else:
-                channel = aio_channel(spec.endpoint, self.tls, channel_options())
+                channel = aio_channel(spec.endpoint, self.tls, control_channel_options())
                 state = ReplicaState(spec, channel)
                 state.follower = asyncio.create_task(self._follow(state), name=f"pressure-{rid}")
                 self.replicas[rid] = state

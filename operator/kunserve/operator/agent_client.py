@@ -18,25 +18,12 @@ import grpc
 
 from kunserve.operator.plan_types import StagePlan
 from kunserve.operator.reconfig import Action, MemberOutcome
+from kunserve.rpc.options import control_channel_options
 from kunserve.rpc.tls import TlsFiles, add_tls_arguments, aio_channel
 from kunserve.rpc.v1 import agent_pb2, agent_pb2_grpc
 
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # as the agents' servers (kunserve.rpc.tensors imports torch)
 DEFAULT_TIMEOUT_S = 10.0
 
-
-def channel_options() -> list[tuple[str, int]]:
-    return [
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.keepalive_time_ms", 20_000),  # finds a peer that vanished without closing the connection
-        ("grpc.keepalive_timeout_ms", 10_000),
-        ("grpc.http2.max_pings_without_data", 0),
-        ("grpc.initial_reconnect_backoff_ms", 100),  # a restarted agent is reachable again within ~2 s
-        ("grpc.min_reconnect_backoff_ms", 100),
-        ("grpc.max_reconnect_backoff_ms", 2_000),
-        ("grpc.enable_retries", 0),  # the collector and the executor decide what to retry
-    ]
 
 
 class AgentRole(StrEnum):
@@ -203,7 +190,7 @@ class AgentClients:
     def _stub(self, endpoint: str) -> agent_pb2_grpc.AgentStub:
         channel = self._channels.get(endpoint)
         if channel is None:
-            channel = aio_channel(endpoint, _tls, channel_options())
+            channel = aio_channel(endpoint, _tls, control_channel_options())
             self._channels[endpoint] = channel
         return agent_pb2_grpc.AgentStub(channel)
 

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
+from kunserve.rpc.options import MAX_MESSAGE_BYTES
 from kunserve.rpc.v1 import tensor_pb2
 
 __all__ = [
@@ -20,14 +21,10 @@ __all__ = [
     "MAX_MESSAGE_BYTES",
     "WireError",
     "assemble_chunks",
-    "grpc_channel_options",
     "iter_chunks",
     "tensor_from_proto",
     "tensor_to_proto",
 ]
-
-#: Largest gRPC message (send and receive) KunServe servers and channels accept, in bytes.
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 #: Wire dtype name -> torch dtype. Anything else is rejected.
 DTYPES: dict[str, torch.dtype] = {
@@ -47,14 +44,6 @@ if sys.byteorder != "little":  # pragma: no cover - every supported platform is 
 
 class WireError(ValueError):
     """A tensor message is malformed or uses an unsupported dtype."""
-
-
-def grpc_channel_options() -> list[tuple[str, int]]:
-    """Options raising the send/receive message limits; valid for grpc.server() and channels."""
-    return [
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ]
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
