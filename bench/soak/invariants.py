@@ -99,10 +99,13 @@ class EpochMonitor:
             pass  # Redis restarting
         for agent, endpoint in self.cluster.endpoints.items():
             pod = self.cluster.pods[agent]
-            # The process is told apart by its incarnation (how many times the supervisor started it), read
-            # on both sides of the call: a restart in between leaves unknown which process answered, and a
-            # pid alone may be reused by the OS.
+            # The process is told apart by its incarnation (how many times the supervisor started it; a pid
+            # alone may be reused by the OS). A pod being restarted is skipped: its new process answers
+            # before the supervisor's start returns (and counts it). A restart during the call leaves unknown
+            # which process answered.
             incarnation = pod.incarnation
+            if not pod.alive():
+                continue
             try:
                 st = agent_status(endpoint)
             except grpc.RpcError:

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
+import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -120,8 +123,13 @@ def run_soak(cfg: SoakConfig) -> Report:
         monitor.start()
         workload.start()
         chaos.start()
+        next_line = t0 + 30
         while time.time() - t0 < cfg.duration_s:
-            time.sleep(min(30.0, max(cfg.duration_s - (time.time() - t0), 0.1)))
+            if _TERMINATED.wait(min(1.0, max(cfg.duration_s - (time.time() - t0), 0.1))):
+                raise SystemExit(128 + signal.SIGTERM)
+            if time.time() < next_line:
+                continue
+            next_line += 30
             _say(f"t={time.time() - t0:.0f}s requests {len(workload.outcomes)}, chaos {chaos.counts}, restarts "
                  f"{ {p.name: p.restarts for p in cluster.pods.values() if p.restarts} }")
         report.check("chaos schedule stopped by itself", chaos.stop())
@@ -156,6 +164,16 @@ def run_soak(cfg: SoakConfig) -> Report:
     return report
 
 
+_TERMINATED = threading.Event()
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C: run_soak's finally stops every process it started.
+    The flag catches the case where the exception lands in a callback that swallows it (a weakref's)."""
+    _TERMINATED.set()
+    sys.exit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.soak", description="mixed load + chaos + invariant report")
     p.add_argument("--model", type=Path, required=True, help="checkpoint directory (e.g. .models/tiny)")
@@ -173,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", type=Path)
     p.add_argument("--out", type=Path, help="write the report and the chaos log here (JSON)")
     a = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)
     rates = ChaosRates(a.drop_rate, a.restore_rate, a.kill_rate, a.redis_rate, a.controller_rate)
     cfg = SoakConfig(model=a.model.resolve(), duration_s=a.duration, seed=a.seed, agents=a.agents, clients=a.clients,
                      rates=rates, warmup_s=a.warmup, rss_limit_mib_per_min=a.rss_limit, workdir=a.workdir,

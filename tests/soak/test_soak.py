@@ -5,6 +5,7 @@ the report must hold at the end (bench/soak/invariants.py lists them)."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,14 @@ def test_rss_slope() -> None:
     assert slope_mib_per_min([(1.0, 1), (2.0, 1)]) is None
 
 
+@dataclass(slots=True)
+class _Proc:
+    running: bool
+
+    def poll(self) -> int | None:
+        return None if self.running else -9
+
+
 class _Agents:
     """Just enough of a Cluster for the EpochMonitor: one agent pod whose restarts reuse its pid."""
 
@@ -58,14 +67,19 @@ def test_epoch_monitor_tells_processes_apart_by_incarnation_not_pid(monkeypatch:
     monkeypatch.setattr(invariants, "agent_status", status)
     monitor = EpochMonitor(cluster)  # type: ignore[arg-type]
     pod.pids.append(100)
+    pod.proc = _Proc(running=True)  # type: ignore[assignment]
     answers += [(5, None), (7, None), (7, 100), (0, None), (3, None)]
     for _ in range(5):
         monitor.sample()
     # a restart during the call (the answer's process unknown), then the same pid again (reused): no violation
     assert monitor.violations == []
-    answers += [(1, None)]
-    monitor.sample()  # the same process went back: 3 -> 1
-    assert monitor.violations == ["a (pid 100) epoch went back: 3 -> 1"]
+    pod.proc = _Proc(running=False)  # type: ignore[assignment]
+    answers += [(0, None)]
+    monitor.sample()  # killed; its new process answers before the supervisor counts it: skipped
+    assert monitor.violations == [] and answers == [(0, None)]
+    pod.proc = _Proc(running=True)  # type: ignore[assignment]
+    monitor.sample()  # the same process went back: 3 -> 0
+    assert monitor.violations == ["a (pid 100) epoch went back: 3 -> 0"]
 
 
 def test_three_minutes_of_chaos_lose_and_leak_nothing(tiny_dir: Path, tmp_path: Path) -> None:
