@@ -179,7 +179,6 @@ class GroupLeader:
         self.exchanges: dict[int, _Exchange] = {}  # at most one step in flight per receiving stage
         self.draining = False  # no new micro-batches (a restore is pausing the group)
         self.aborted: set[str] = set()  # aborted while in flight: finished when their batch returns
-        self.kv_bytes_exchanged = 0
         self._batch_ids = 0
 
     # ---- requests --------------------------------------------------------------------------------------
@@ -348,7 +347,7 @@ class GroupLeader:
             block = False
             del self.exchanges[stage]
             try:
-                self.kv_bytes_exchanged += ex.future.result(timeout=self.rpc_timeout_s)
+                ex.future.result(timeout=self.rpc_timeout_s)  # bytes moved: the receiver counts them
             except Exception as exc:
                 raise GroupLostError(f"group epoch {self.epoch}: KV exchange to stage {stage} failed: {exc}") from exc
             ex.seq.busy = False
