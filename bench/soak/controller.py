@@ -4,9 +4,8 @@ plus what an operator restart does in Kubernetes: resume from what is persisted.
 
     python -m bench.soak.controller --redis URL --pool-file pool.yaml --endpoints '{"soak-agent-0": "host:port"}'
 
-At start it reads the pool's last published state (`kunserve:local:{pool}`: epoch, groups) and every
-reconfiguration record (`kunserve:reconfigurations:{pool}`); a record that is not terminal is resumed by the
-executor (Prepare is idempotent, a leader that reached the epoch is asked for its result again), bounded in
+At start it recovers as the operator's local mode does (kunserve.operator.local_recovery): the pool's last
+published epoch and groups, every unfinished reconfiguration record resumed by the executor, bounded in
 attempts: a record whose outcome stays unknown is left as it is and counted by the invariant check.
 
 `--reconcile-groups`: a group none of whose members still reports being in it (a member crashed, the
@@ -30,16 +29,11 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from kunserve.operator.agent_client import AgentCallError, AgentClients
-from kunserve.operator.executor import Executor, ExecutorSettings, OutcomeUnknownError
+from kunserve.operator.executor import Executor, ExecutorSettings
 from kunserve.operator.local import local_cost_model
-from kunserve.operator.local_controller import LocalController, RedisRecordStore, records_key, state_key
+from kunserve.operator.local_controller import LocalController
+from kunserve.operator.local_recovery import recover
 from kunserve.operator.pressure import PressureCollector
-from kunserve.operator.reconfig import (
-    FormedGroup,
-    ReconfigRecord,
-    ReconfigSpec,
-    apply_committed,
-)
 from kunserve.operator.validation import parse_pool
 
 RESUME_ATTEMPTS = 5
@@ -48,48 +42,6 @@ log = logging.getLogger("bench.soak.controller")
 
 def reconciled_key(pool: str) -> str:
     return f"soak:{pool}:reconciled"
-
-
-async def recover(ctl: LocalController) -> int:
-    """Epoch and groups from the last published state; unfinished records resumed. Returns how many resumed."""
-    raw = await ctl.redis.get(state_key(ctl.name))
-    if raw:
-        state = json.loads(raw)
-        ctl.epoch = int(state.get("epoch") or 0)
-        ctl.groups = tuple(FormedGroup.from_status(g) for g in state.get("groups") or [])
-    records = await ctl.redis.hgetall(records_key(ctl.name))
-    pending: list[tuple[str, ReconfigSpec, ReconfigRecord]] = []
-    for name, text in records.items():
-        doc = json.loads(text)
-        spec = ReconfigSpec.from_cr_spec(doc["spec"])
-        record = ReconfigRecord.from_status(doc.get("status"))
-        ctl.allocated = max(ctl.allocated, ctl.epoch, spec.epoch)
-        if not record.terminal:
-            pending.append((str(name), spec, record))
-    for name, spec, record in sorted(pending, key=lambda p: p[1].epoch):
-        await resume(ctl, name, spec, record)
-    return len(pending)
-
-
-async def resume(ctl: LocalController, name: str, spec: ReconfigSpec, record: ReconfigRecord) -> None:
-    store = RedisRecordStore(ctl.redis, ctl.name, name, spec, record)
-
-    async def committed(s: ReconfigSpec, r: ReconfigRecord) -> None:
-        ctl.groups = apply_committed(ctl.groups, s, r.committed_groups, name)
-        ctl.epoch = max(ctl.epoch, s.epoch)
-        await ctl.publish()
-
-    endpoints = {m: ctl.endpoints[m] for m in spec.members if m in ctl.endpoints}
-    for attempt in range(1, RESUME_ATTEMPTS + 1):
-        try:
-            final = await ctl.executor.execute(spec, endpoints, record=store.last, store=store, on_committed=committed,
-                                               current_epoch=ctl.epoch, num_layers=ctl.cost.num_layers)
-            print(f"resumed {name}: {final.phase.value} ({final.message})", flush=True)
-            return
-        except OutcomeUnknownError as exc:
-            print(f"resume of {name}, attempt {attempt}: {exc}", flush=True)
-            await asyncio.sleep(1.0)
-    print(f"resume of {name}: outcome still unknown after {RESUME_ATTEMPTS} attempts; left as it is", flush=True)
 
 
 async def reconcile(ctl: LocalController, clients: AgentClients) -> None:
@@ -130,13 +82,12 @@ async def serve(args: argparse.Namespace) -> int:
                           executor=Executor(clients, settings), out=lambda line: print(line, flush=True))
     while True:  # Redis may be restarting too
         try:
-            resumed = await recover(ctl)
-            await ctl.publish()
+            recovery = await recover(ctl, RESUME_ATTEMPTS)
             break
         except (RedisError, OSError) as exc:
             print(f"recovery waits for Redis: {exc}", flush=True)
             await asyncio.sleep(0.5)
-    print(f"controller up: epoch {ctl.epoch}, groups {[g.id for g in ctl.groups]}, {resumed} resumed", flush=True)
+    print(f"controller up: {recovery.summary()}", flush=True)
     while True:
         try:
             await ctl.step()

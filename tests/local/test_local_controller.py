@@ -18,7 +18,9 @@ from kunserve.operator.agent_client import AgentClients
 from kunserve.operator.cost_model import CostModel
 from kunserve.operator.executor import Executor, ExecutorSettings
 from kunserve.operator.local import LocalController, records_key, reply_key, requests_key, state_key
+from kunserve.operator.local_recovery import recover
 from kunserve.operator.pressure import PressureCollector
+from kunserve.operator.reconfig import ReconfigPhase
 from kunserve.operator.validation import parse_pool
 from tests.gateway.processes import RedisProcess, start_redis
 from tests.operator_unit.fake_agent import FakeAgent, FakeCluster, FakeLoad
@@ -132,5 +134,74 @@ def test_manual_requests_are_checked_before_any_agent_is_called(redis_server: Re
             done = await c.step()
             assert done is not None and done.record.phase.value == "Completed"
             assert (e.agents[0].layer_end, e.agents[1].layer_start, c.groups[0].id) == (1, 1, "g1")
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+def test_a_restarted_controller_completes_a_commit_it_was_waiting_for(redis_server: RedisProcess) -> None:
+    """The controller dies while the leader commits (the record says Preparing, with preparedAt); a new one
+    finds the record, asks the leader for its result, publishes the group under the epoch: nothing mixed."""
+    async def scenario() -> None:
+        async with env(redis_server) as e:
+            gate = asyncio.Event()
+            e.agents[0].commit_gate = gate
+            await e.redis.rpush(requests_key("demo"), json.dumps({"id": "d", "action": "Drop", "members": list(IDS)}))
+            crashed = asyncio.create_task(e.controller.step())
+            for _ in range(200):  # bounded: the record says every member prepared within a few calls
+                raw = await e.redis.hget(records_key("demo"), "demo-drop-1")
+                if raw and json.loads(raw)["status"].get("preparedAt"):
+                    break
+                await asyncio.sleep(0.02)
+            crashed.cancel()  # the controller process is gone; the leader's commit goes on
+            await asyncio.gather(crashed, return_exceptions=True)
+            assert json.loads(await e.redis.hget(records_key("demo"), "demo-drop-1"))["status"]["phase"] == "Preparing"
+            assert (await topology(e.redis)).epoch == 0 and e.agents[0].epoch == 0
+            gate.set()
+
+            old = e.controller
+            new = LocalController(pool=POOL, redis=e.redis, endpoints=dict(old.endpoints), cost=COST,
+                                  collector=old.collector, executor=old.executor, out=e.lines.append)
+            found = await recover(new, attempts=3, backoff_s=0.05)
+            assert found.resumed == {"demo-drop-1": ReconfigPhase.COMPLETED} and found.unknown == ()
+            assert (found.epoch, len(found.groups), new.epoch) == (1, 1, 1)
+            assert [a.epoch for a in e.agents] == [1, 1] and e.agents[0].counters.commits_applied == 1
+            stored = json.loads(await e.redis.hget(records_key("demo"), "demo-drop-1"))
+            assert stored["status"]["phase"] == "Completed"
+            topo = await topology(e.redis)
+            assert topo.epoch == 1 and [g.members for g in topo.groups] == [IDS]
+            assert new.take_epoch() == 2  # never an epoch a record holds
+
+            # Restarting again finds nothing to resume and the same state.
+            again = LocalController(pool=POOL, redis=e.redis, endpoints=dict(old.endpoints), cost=COST,
+                                    collector=old.collector, executor=old.executor, out=e.lines.append)
+            found = await recover(again, attempts=1, backoff_s=0.05)
+            assert found.resumed == {} and (found.epoch, found.groups) == (1, (new.groups[0].id,))
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+def test_a_record_whose_leader_is_gone_is_left_as_it_is(redis_server: RedisProcess) -> None:
+    async def scenario() -> None:
+        async with env(redis_server) as e:
+            e.agents[0].commit_gate = asyncio.Event()  # never opened: the leader hangs, then goes away
+            await e.redis.rpush(requests_key("demo"), json.dumps({"id": "d", "action": "Drop", "members": list(IDS)}))
+            crashed = asyncio.create_task(e.controller.step())
+            for _ in range(200):
+                raw = await e.redis.hget(records_key("demo"), "demo-drop-1")
+                if raw and json.loads(raw)["status"].get("preparedAt"):
+                    break
+                await asyncio.sleep(0.02)
+            crashed.cancel()
+            await asyncio.gather(crashed, return_exceptions=True)
+            await e.agents[0].stop()
+            old = e.controller
+            new = LocalController(pool=POOL, redis=e.redis, endpoints=dict(old.endpoints), cost=COST,
+                                  collector=old.collector, executor=old.executor, out=e.lines.append)
+            found = await recover(new, attempts=2, backoff_s=0.05)
+            assert found.resumed == {} and found.unknown == ("demo-drop-1",)
+            assert (new.epoch, new.groups, new.take_epoch()) == (0, (), 2)
+            assert "outcome unknown, left: demo-drop-1" in e.lines[-1]
+            stored = json.loads(await e.redis.hget(records_key("demo"), "demo-drop-1"))
+            assert stored["status"]["phase"] == "Preparing" and "do not answer" in stored["status"]["message"]
 
     asyncio.run(asyncio.wait_for(scenario(), 30))

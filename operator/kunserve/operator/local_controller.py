@@ -233,7 +233,7 @@ class LocalController:
             try:
                 record = await self.executor.execute(
                     spec, {m: self.endpoints[m] for m in spec.members if m in self.endpoints}, record=record,
-                    store=store, on_committed=lambda s, r: self._committed(name, s, r), current_epoch=self.epoch,
+                    store=store, on_committed=lambda s, r: self.committed(name, s, r), current_epoch=self.epoch,
                     num_layers=self.cost.num_layers)
                 break
             except OutcomeUnknownError as exc:  # a leader does not answer: ask again later, never guess
@@ -246,7 +246,8 @@ class LocalController:
         self.out(f"reconfiguration {entry.summary()}")
         return entry
 
-    async def _committed(self, name: str, spec: ReconfigSpec, record: ReconfigRecord) -> None:
+    async def committed(self, name: str, spec: ReconfigSpec, record: ReconfigRecord) -> None:
+        """The executor's on_committed: the new groups, the epoch, published."""
         self.groups = apply_committed(self.groups, spec, record.committed_groups, name)
         self.epoch = max(self.epoch, spec.epoch)
         await self.publish()
