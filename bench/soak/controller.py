@@ -87,7 +87,7 @@ async def serve(args: argparse.Namespace) -> int:
         except (RedisError, OSError) as exc:
             print(f"recovery waits for Redis: {exc}", flush=True)
             await asyncio.sleep(0.5)
-    print(f"controller up: {recovery.summary()}", flush=True)
+    print(f"controller up ({len(recovery.resumed)} resumed, {len(recovery.unknown)} left)", flush=True)
     while True:
         try:
             await ctl.step()
