@@ -8,11 +8,12 @@ At start it recovers as the operator's local mode does (kunserve.operator.local_
 published epoch and groups, every unfinished reconfiguration record resumed by the executor, bounded in
 attempts: a record whose outcome stays unknown is left as it is and counted by the invariant check.
 
-`--reconcile-groups`: a group none of whose members still reports being in it (a member crashed, the
-survivors disbanded themselves) is removed from the pool's groups and the topology is published under a new
-epoch. The controller's own round does this now (LocalController.forget_dissolved, from the members'
-pressure; tests/soak/test_group_reconcile.py); this check, from the members' Status, stays as a safety net
-and each use is counted in Redis (`soak:{pool}:reconciled`) and reported, never hidden.
+`--reconcile-groups`: a group none of whose members has reported being in it for `--reconcile-grace` seconds
+(a member crashed, the survivors disbanded themselves) is removed from the pool's groups and the topology is
+published under a new epoch. The controller's own round does this (LocalController.forget_dissolved, from the
+members' pressure; tests/soak/test_group_reconcile.py) and gets the grace period first; this check, from the
+members' Status, stays as a safety net and each use is counted in Redis (`soak:{pool}:reconciled`) and
+reported, never hidden: a count above 0 is a group the controller did not forget in time.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import asyncio
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -44,10 +46,12 @@ def reconciled_key(pool: str) -> str:
     return f"soak:{pool}:reconciled"
 
 
-async def reconcile(ctl: LocalController, clients: AgentClients) -> None:
-    """Forget groups none of whose members reports being in them any more (see the module docstring)."""
+async def reconcile(ctl: LocalController, clients: AgentClients, since: dict[str, float], grace_s: float) -> None:
+    """Forget groups none of whose members has reported being in them for grace_s (the controller's own
+    forget_dissolved gets that long first; see the module docstring). since: group id -> first seen empty."""
     async with ctl.lock:
         broken = []
+        now = time.monotonic()
         for g in ctl.groups:
             inside = 0
             for m in g.members:
@@ -57,8 +61,12 @@ async def reconcile(ctl: LocalController, clients: AgentClients) -> None:
                     inside += 1  # cannot tell: not broken yet
                     continue
                 inside += int(st.role.grouped and st.epoch == g.epoch)
-            if inside == 0:
+            if inside:
+                since.pop(g.id, None)
+            elif now - since.setdefault(g.id, now) >= grace_s:
                 broken.append(g)
+        for gone in set(since) - {g.id for g in ctl.groups}:
+            del since[gone]
         if not broken:
             return
         ctl.groups = tuple(g for g in ctl.groups if g not in broken)
@@ -88,11 +96,12 @@ async def serve(args: argparse.Namespace) -> int:
             print(f"recovery waits for Redis: {exc}", flush=True)
             await asyncio.sleep(0.5)
     print(f"controller up ({len(recovery.resumed)} resumed, {len(recovery.unknown)} left)", flush=True)
+    empty_since: dict[str, float] = {}
     while True:
         try:
             await ctl.step()
             if args.reconcile_groups and ctl.groups:
-                await reconcile(ctl, clients)
+                await reconcile(ctl, clients, empty_since, args.reconcile_grace)
         except (RedisError, OSError) as exc:
             print(f"round failed: {type(exc).__name__}: {exc}", flush=True)
             await asyncio.sleep(0.5)
@@ -107,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--interval", type=float, default=0.2)
     p.add_argument("--rpc-timeout", type=float, default=15.0)
     p.add_argument("--reconcile-groups", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--reconcile-grace", type=float, default=5.0,
+                   help="seconds a group stays memberless before the harness forgets it")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return asyncio.run(serve(args))

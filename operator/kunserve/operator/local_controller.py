@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -66,9 +65,6 @@ def state_key(pool: str) -> str:
     return f"kunserve:local:{pool}"
 
 
-log = logging.getLogger(__name__)
-
-
 @dataclass(slots=True)
 class RedisRecordStore:
     """Saves a reconfiguration's record (with its spec) in the pool's hash of reconfigurations."""
@@ -88,7 +84,7 @@ class RedisRecordStore:
 @dataclass(slots=True, frozen=True)
 class ControlEvent:
     at: float  # the controller's clock
-    kind: str  # Drop, Restore, ScaleUp, ScaleUpReady, ScaleUpCancelled, Drain, ScaleDown, AgentServing
+    kind: str  # Drop, Restore, ScaleUp, ScaleUpReady, ScaleUpCancelled, Drain, ScaleDown, AgentServing, GroupLost
     detail: str
 
 
@@ -150,10 +146,10 @@ class LocalController:
         """One round: a manual request if one waits, else the planner's decision (if elasticity is on) and the
         autoscaler's (with spec.autoscaling)."""
         async with self.lock:
+            await self.forget_dissolved()  # first: a manual restore must not name a group its members left
             raw = await self.redis.lpop(requests_key(self.name))
             if isinstance(raw, str | bytes):
                 return await self.manual(raw)
-            await self.forget_dissolved()
             scaling = self.pool.spec.autoscaling
             if not self.pool.spec.elasticity.enabled and scaling is None:
                 return None
@@ -184,8 +180,9 @@ class LocalController:
             return
         self.groups = tuple(g for g in self.groups if g not in gone)
         self.epoch = self.take_epoch()
-        log.warning("pool %s: groups %s were left by their members (a member was lost); forgotten",
-                    self.name, [g.id for g in gone])
+        detail = f"groups {[g.id for g in gone]} were left by their members (a member was lost); forgotten"
+        self.events.append(ControlEvent(self.clock(), "GroupLost", detail))
+        self.out(detail)
         await self.publish()
 
     async def apply_scale(self, scale: ScaleDecision) -> None:
