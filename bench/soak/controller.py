@@ -88,6 +88,7 @@ async def serve(args: argparse.Namespace) -> int:
     ctl = LocalController(pool=pool, redis=redis, endpoints=dict(json.loads(args.endpoints)),
                           cost=local_cost_model(pool), collector=PressureCollector(clients),
                           executor=Executor(clients, settings), out=lambda line: print(line, flush=True))
+    ctl.collector.set_targets(ctl.endpoints)  # as local mode does: follow every agent's pressure
     while True:  # Redis may be restarting too
         try:
             recovery = await recover(ctl, RESUME_ATTEMPTS)
