@@ -3,9 +3,10 @@ restart in Kubernetes): resume from what is persisted in Redis, never guess.
 
 - The pool's last published state (`kunserve:local:{pool}`) gives the epoch and the formed groups.
 - Every reconfiguration record (`kunserve:reconfigurations:{pool}`) that is not terminal is resumed by the
-  executor, oldest epoch first, from its recorded phase: a Prepare without Commit is rolled back, a leader that
-  reached the epoch is asked for its result again and the commit is completed (the groups and topology are
-  published under it), never left mixed. Attempts are bounded: a record whose outcome stays unknown (its leader
+  executor, oldest epoch first, from its recorded phase: one still preparing is prepared again (Prepare is
+  idempotent) and committed, or rolled back on every member if one refuses; a leader that reached the epoch is
+  asked for its result again and the commit is completed (the groups and topology are published under it);
+  never left mixed. Attempts are bounded: a record whose outcome stays unknown (its leader
   does not answer) is left as it is, reported, and resumed again at the next start.
 - No epoch is handed out twice: the next one is above every record's.
 """
