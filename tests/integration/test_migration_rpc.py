@@ -14,15 +14,19 @@ from kunserve.agent.group_client import Stream, status, wait_until
 from kunserve.rpc.v1 import inference_pb2, migration_pb2, migration_pb2_grpc
 from tests.integration.agent_process import AgentProcess, start_agent
 
-PARAMS = inference_pb2.SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
+# 400 tokens: the tiny model makes one in a few ms, so "run" is still decoding when it is migrated (with 60 it
+# could finish between the test seeing its 10th token and the MigrateOut call)
+PARAMS = inference_pb2.SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
 PROMPT = [3 + (j * 7) % 200 for j in range(30)]
 
 
 @pytest.fixture(scope="module")
 def agents(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[AgentProcess]]:
-    # 4 blocks of 16 tokens on the source: one 90-token request fits, a second one queues
+    # the source: 28 blocks of 16 tokens hold one 430-token request; one running request at a time, so a
+    # second one queues
     procs = [start_agent(tiny_dir, tmp_path_factory.mktemp(f"mig{i}"), "--agent-id", f"m{i}", "--num-kv-blocks",
-                         n, "--block-size", "16") for i, n in enumerate(("7", "64"))]
+                         n, "--block-size", "16", *extra)
+             for i, (n, extra) in enumerate((("28", ("--max-num-seqs", "1")), ("64", ())))]
     yield procs
     for p in procs:
         assert p.stop() == 0
@@ -37,13 +41,13 @@ def _migrate(source: AgentProcess, target: AgentProcess, rid: str) -> migration_
 def test_running_and_queued_requests_migrate_with_unchanged_tokens(agents: list[AgentProcess]) -> None:
     src, dst = agents
     reference = Stream(dst, "ref", PROMPT, PARAMS).start().wait(120)
-    assert reference.error is None and len(reference.tokens) == 60
+    assert reference.error is None and len(reference.tokens) == 400
     running = Stream(src, "run", PROMPT, PARAMS).start()
     wait_until(lambda: len(running.tokens) >= 10, timeout=60)
-    queued = Stream(src, "queued", PROMPT, PARAMS).start()  # no room for it next to "run"
+    queued = Stream(src, "queued", PROMPT, PARAMS).start()  # waits: "run" is the one running request
     time.sleep(0.2)
     moved = _migrate(src, dst, "run")
-    assert moved.num_tokens >= 10 + len(PROMPT) - 1 and moved.kv_bytes > 0
+    assert 10 + len(PROMPT) - 1 <= moved.num_tokens < 400 + len(PROMPT) - 1 and moved.kv_bytes > 0
     moved_queued = _migrate(src, dst, "queued")
     for s in (running, queued):
         s.wait(120)
@@ -60,8 +64,8 @@ def test_unknown_request_and_full_target_are_refused(agents: list[AgentProcess])
     with pytest.raises(grpc.RpcError) as err:
         _migrate(src, dst, "nope")
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
-    filler = Stream(src, "fill", list(range(10, 100)), inference_pb2.SamplingParams(
-        max_tokens=15, temperature=0, ignore_eos=True)).start()  # 6 of the source's 7 blocks
+    filler = Stream(src, "fill", list(range(10, 430)), inference_pb2.SamplingParams(
+        max_tokens=15, temperature=0, ignore_eos=True)).start()  # 27 of the source's 28 blocks
     big = Stream(dst, "big", PROMPT, PARAMS).start()
     wait_until(lambda: len(filler.tokens) >= 1 and len(big.tokens) >= 5, timeout=60)
     with pytest.raises(grpc.RpcError) as err:
