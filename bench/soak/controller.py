@@ -38,7 +38,6 @@ from kunserve.operator.local_recovery import recover
 from kunserve.operator.pressure import PressureCollector
 from kunserve.operator.validation import parse_pool
 
-RESUME_ATTEMPTS = 5
 log = logging.getLogger("bench.soak.controller")
 
 
@@ -91,7 +90,7 @@ async def serve(args: argparse.Namespace) -> int:
     ctl.collector.set_targets(ctl.endpoints)  # as local mode does: follow every agent's pressure
     while True:  # Redis may be restarting too
         try:
-            recovery = await recover(ctl, RESUME_ATTEMPTS)
+            recovery = await recover(ctl)
             break
         except (RedisError, OSError) as exc:
             print(f"recovery waits for Redis: {exc}", flush=True)
