@@ -80,10 +80,19 @@ def run_drop_restore(model_dir: Path, workdir: Path, g: int, sampled: bool, max_
             if i not in long:
                 streams[i].start()
         wait_until(lambda: sum(len(s.tokens) >= 2 for s in streams) >= initial // 3, timeout=120)
-        for i in long:  # the drop lands while these are still prefilling (CHUNK tokens per step)
-            streams[i].start()
 
-        drop = reconfigure(agents, agent_pb2.ACTION_DROP, even_ranges(num_layers, g), epoch=1)
+        def start_long_prompts() -> None:
+            """Every member is prepared: the long prompts start now and the commit waits until each one is
+            admitted, so the drop lands while they prefill (CHUNK tokens per step, tens of steps each)."""
+            for i in long:
+                streams[i].start()
+            for a in {streams[i].agent.agent_id: streams[i].agent for i in long}.values():
+                mine = [s for s in streams if s.agent is a and s.started]
+                wait_until(lambda a=a, mine=mine: _metric(a, "vllm:num_requests_running")
+                           >= sum(not s.done.is_set() for s in mine), timeout=60)
+
+        drop = reconfigure(agents, agent_pb2.ACTION_DROP, even_ranges(num_layers, g), epoch=1,
+                           before_commit=start_long_prompts)
         assert [m.agent_id for m in drop.members] == [a.agent_id for a in agents]
         assert sum(m.requests_moved for m in drop.members) >= initial // 2
         assert all(s.role in (agent_pb2.ROLE_LEADER, agent_pb2.ROLE_STAGE) for s in map(status, agents))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -34,8 +35,10 @@ def group_spec(agents: list[AgentProcess], ranges: list[tuple[int, int]]) -> age
 
 
 def reconfigure(agents: list[AgentProcess], action: int, ranges: list[tuple[int, int]], epoch: int,
-                timeout: float = 60.0, reason: str = "manual") -> agent_pb2.CommitResponse:
-    """Prepare on every member, then Commit on the leader (agents[0]); Abort everywhere on failure."""
+                timeout: float = 60.0, reason: str = "manual",
+                before_commit: Callable[[], None] | None = None) -> agent_pb2.CommitResponse:
+    """Prepare on every member, then Commit on the leader (agents[0]); Abort everywhere on failure.
+    before_commit runs once every member is prepared (a test puts work in flight at the commit point)."""
     spec = group_spec(agents, ranges)
     try:
         for a in agents:
@@ -43,9 +46,11 @@ def reconfigure(agents: list[AgentProcess], action: int, ranges: list[tuple[int,
                 agent_pb2_grpc.AgentStub(ch).Prepare(
                     agent_pb2.PrepareRequest(epoch=epoch, action=action, group=spec, reason=reason),  # type: ignore[arg-type]
                     timeout=timeout)
+        if before_commit is not None:
+            before_commit()
         with agents[0].channel() as ch:
             return agent_pb2_grpc.AgentStub(ch).Commit(agent_pb2.CommitRequest(epoch=epoch), timeout=timeout)
-    except grpc.RpcError:
+    except Exception:
         for a in agents:
             try:
                 with a.channel() as ch:
@@ -74,8 +79,10 @@ class Stream:
     finish_reason: int = 0
     error: grpc.RpcError | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    started: bool = False
 
     def start(self) -> Stream:
+        self.started = True
         threading.Thread(target=self._run, daemon=True).start()
         return self
 
