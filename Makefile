@@ -9,16 +9,19 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 MODELS ?= .models
 SMOLLM2 := $(MODELS)/smollm2-135m
+TINY := $(MODELS)/tiny
+SOAK_ARGS ?= --duration 1800 --seed 7 --out bench/results/soak_1800s.json
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint proto proto-check bench helm-render model clean help
+.PHONY: setup demo test test-fast lint proto proto-check bench soak helm-render model clean help
 
 help:
 	@echo "make demo    set up, run 4 SmolLM2 agents in local mode, send a burst, show drops/restores"
 	@echo "make test    set up, run the whole test suite"
 	@echo "make lint    ruff + mypy";  echo "make proto   regenerate gRPC stubs; make proto-check verifies them"
 	@echo "make bench   engine throughput benchmark (writes bench/results/)"
+	@echo "make soak    30-minute soak and chaos run on the tiny model (SOAK_ARGS='--duration 600 --seed 11 ...')"
 	@echo "make helm-render   render the Helm chart (HELM_VALUES=f.yaml HELM_NAMESPACE=ns HELM_OUT=dir)"
 
 setup: $(STAMP)
@@ -43,6 +46,9 @@ $(SMOLLM2)/kunserve-preset.json: | $(STAMP)
 
 model: $(SMOLLM2)/kunserve-preset.json
 
+$(TINY)/kunserve-preset.json: | $(STAMP)
+	$(VENV)/bin/kunserve make-model $(TINY) --preset tiny
+
 demo: $(STAMP) model
 	@echo ">> kunserve up: 4 agents of SmolLM2-135M-Instruct, a burst through the gateway (openai client)"
 	$(PY) -m bench.demo --model $(SMOLLM2)
@@ -65,6 +71,9 @@ proto-check: $(STAMP)
 
 bench: $(STAMP) model
 	$(PY) bench/engine_throughput.py --model $(SMOLLM2)
+
+soak: $(STAMP) $(TINY)/kunserve-preset.json
+	$(PY) -m bench.soak --model $(TINY) $(SOAK_ARGS)
 
 # Render deploy/helm/kunserve with Helm's engine (no helm binary): CRDs + manifests to stdout, or one file per
 # template under HELM_OUT. HELM_VALUES: values files, space-separated.

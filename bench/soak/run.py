@@ -191,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", type=Path)
     p.add_argument("--out", type=Path, help="write the report and the chaos log here (JSON)")
     a = p.parse_args(argv)
+    if not (a.model / "config.json").is_file():
+        p.error(f"{a.model}: no checkpoint there (config.json); write the seeded tiny one with "
+                f"`kunserve make-model {a.model} --preset tiny`, or run `make soak`")
     signal.signal(signal.SIGTERM, _on_sigterm)
     rates = ChaosRates(a.drop_rate, a.restore_rate, a.kill_rate, a.redis_rate, a.controller_rate)
     cfg = SoakConfig(model=a.model.resolve(), duration_s=a.duration, seed=a.seed, agents=a.agents, clients=a.clients,

@@ -14,7 +14,7 @@ from bench.soak import invariants
 from bench.soak.chaos import ChaosKind, ChaosRates, schedule
 from bench.soak.cluster import Pod
 from bench.soak.invariants import EpochMonitor, slope_mib_per_min
-from bench.soak.run import SoakConfig, run_soak
+from bench.soak.run import SoakConfig, main, run_soak
 from kunserve.rpc.v1 import agent_pb2
 
 SEED = 7
@@ -90,3 +90,11 @@ def test_three_minutes_of_chaos_lose_and_leak_nothing(tiny_dir: Path, tmp_path: 
     facts = json.loads(out.read_text())["report"]["facts"]
     assert facts["attempts"]["ok"] > 100, facts
     assert sum(facts["chaos events"].values()) >= 10, facts
+
+
+def test_a_missing_checkpoint_is_a_usage_error_naming_the_fix(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--model", str(tmp_path / "tiny"), "--duration", "1"])
+    assert exc.value.code == 2
+    assert "kunserve make-model" in capsys.readouterr().err
