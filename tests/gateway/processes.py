@@ -71,9 +71,10 @@ class RedisProcess:
         return _stop(self.proc)
 
 
-def start_redis(workdir: Path, timeout: float = 10.0) -> RedisProcess:
+def start_redis(workdir: Path, timeout: float = 10.0, port: int | None = None) -> RedisProcess:
+    """A redis-server on a free loopback port (or `port`: a restart where clients expect it)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     log = (workdir / "redis.log").open("wb")
     proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                              "--appendonly", "no", "--dir", str(workdir)], stdout=log, stderr=subprocess.STDOUT)

@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+from pathlib import Path
 from typing import Any
 
+import pytest
 from openai import OpenAI
 from redis.asyncio import Redis as AsyncRedis
 
-from kunserve.gateway.journal import read_entries
+from kunserve.gateway import journal as journal_module
+from kunserve.gateway.journal import Journal, JournalRecord, journal_key, read_entries
 from tests.gateway.conftest import API_KEY, MAIN_POOL
-from tests.gateway.processes import GatewayProcess, RedisProcess, request, wait_until
+from tests.gateway.processes import GatewayProcess, RedisProcess, request, start_redis, wait_until
 
 KEY = f"kunserve:journal:{MAIN_POOL}:" + "{}"
 
@@ -86,3 +89,38 @@ def test_a_client_that_goes_away_releases_its_request(gateway: GatewayProcess, r
         return not redis.exists(KEY.format(rid)) and all(r["inflight"] == 0 for r in json.loads(raw)["replicas"])
 
     assert wait_until(released, 10, what="journal entry deleted and no stream in flight")
+
+
+def test_a_delete_lost_while_redis_was_down_is_retried_once_it_is_back(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        server = start_redis(tmp_path / "r1")
+        client = AsyncRedis(host="127.0.0.1", port=server.port, socket_timeout=2)
+        journal = Journal(client, "p", ttl_s=600)
+        try:
+            first = await journal.record(JournalRecord("cmpl-a", "completions", "tiny", "gw", [1, 2], {}))
+            server.stop()
+            await first.close()  # Redis is down: the delete fails and is remembered
+            assert list(journal.pending_deletes) == ["cmpl-a"] and journal.write_errors == 1
+            server = start_redis(tmp_path / "r2", port=server.port)
+            await client.hset(journal_key("p", "cmpl-a"), mapping={"request_id": "cmpl-a"})  # as an AOF kept it
+            second = await journal.record(JournalRecord("cmpl-b", "completions", "tiny", "gw", [3], {}))
+            assert set(await read_entries(client, "p")) == {"cmpl-b"} and not journal.pending_deletes
+            await second.close()
+            assert await read_entries(client, "p") == {}
+        finally:
+            await client.aclose()
+            server.stop()
+
+    asyncio.run(scenario())
+
+
+def test_pending_deletes_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Down:
+        async def delete(self, *keys: str) -> int:
+            raise ConnectionError("redis is down")
+
+    monkeypatch.setattr(journal_module, "MAX_PENDING_DELETES", 3)
+    journal = Journal(Down(), "p", ttl_s=600)  # type: ignore[arg-type]
+    for i in range(5):
+        asyncio.run(journal._delete(f"r{i}"))
+    assert list(journal.pending_deletes) == ["r2", "r3", "r4"] and journal.write_errors == 5

@@ -20,6 +20,8 @@ hottest path of the gateway; with 16 tokens per write the journal lags the clien
 250 ms, which a replay never needs (replays are driven by the gateway's own in-memory copy; the journal
 is for recovery tooling and for seeing what a crashed gateway had accepted). Every key expires
 ``request_timeout + 60`` s after its last write, so entries of a crashed gateway disappear on their own.
+A delete that fails (Redis down) is remembered and retried, in one DEL, after the next write Redis takes
+(at most ``MAX_PENDING_DELETES`` ids are remembered; the rest only expire).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from kunserve.gateway.errors import ServiceUnavailableError
 
 log = logging.getLogger(__name__)
 JOURNAL_KEY = "kunserve:journal:{pool}:{request_id}"
+MAX_PENDING_DELETES = 10_000
 
 
 def journal_key(pool: str, request_id: str) -> str:
@@ -71,6 +74,7 @@ class Journal:
         self.flush_tokens = flush_tokens
         self.flush_interval_s = flush_interval_s
         self.write_errors = 0
+        self.pending_deletes: dict[str, None] = {}  # request ids whose delete failed, oldest first
 
     @property
     def enabled(self) -> bool:
@@ -90,6 +94,7 @@ class Journal:
         except (RedisError, OSError) as exc:
             log.error("journal: cannot record %s: %s", rec.request_id, exc)
             raise ServiceUnavailableError("the request journal is unavailable", code="journal_unavailable") from exc
+        await self._retry_deletes()
         return entry
 
     async def _write(self, request_id: str, fields: dict[str, str]) -> None:
@@ -110,9 +115,26 @@ class Journal:
             return
         try:
             await self.redis.delete(journal_key(self.pool, request_id))
-        except (RedisError, OSError) as exc:  # it expires on its own
+        except (RedisError, OSError) as exc:  # retried after the next write Redis takes; it expires anyway
             self.write_errors += 1
-            log.warning("journal: cannot delete %s: %s", request_id, exc)
+            self.pending_deletes[request_id] = None
+            if len(self.pending_deletes) > MAX_PENDING_DELETES:
+                del self.pending_deletes[next(iter(self.pending_deletes))]
+            log.warning("journal: cannot delete %s (will retry): %s", request_id, exc)
+
+    async def _retry_deletes(self) -> None:
+        """Delete the entries whose delete failed, now that Redis took a write."""
+        if not self.pending_deletes or self.redis is None:
+            return
+        ids = list(self.pending_deletes)
+        try:
+            await self.redis.delete(*(journal_key(self.pool, i) for i in ids))
+        except (RedisError, OSError) as exc:
+            log.warning("journal: %d deletes still pending: %s", len(ids), exc)
+            return
+        for i in ids:
+            self.pending_deletes.pop(i, None)
+        log.info("journal: deleted %d entries whose delete had failed", len(ids))
 
 
 @dataclass(slots=True)
