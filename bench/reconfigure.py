@@ -18,16 +18,14 @@ import platform
 import statistics
 import tempfile
 import time
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from itertools import pairwise
 from pathlib import Path
 
 import torch
-from prometheus_client.parser import text_string_to_metric_families
 
-from kunserve.agent.group_client import Stream, even_ranges, reconfigure, status, wait_until
-from kunserve.agent.launch import AgentProcess, start_agent
+from kunserve.agent.group_client import Stream, even_ranges, metric, reconfigure, status, wait_until
+from kunserve.agent.launch import start_agent
 from kunserve.rpc.v1 import agent_pb2, inference_pb2
 
 
@@ -55,12 +53,6 @@ class Run:
     stall_drop_ms: float  # the longest token gap of any request across the drop
     stall_restore_ms: float
     phases: dict[str, Phase] = field(default_factory=dict)
-
-
-def _metric(agent: AgentProcess, name: str, **labels: str) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{agent.metrics_port}/metrics", timeout=10).read().decode()
-    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
-               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
 def _phase(streams: list[Stream], lo: float, hi: float) -> Phase:
@@ -93,8 +85,8 @@ def run_group(model: Path, g: int, requests: int, phase_tokens: int, workdir: Pa
         drop = reconfigure(agents, agent_pb2.ACTION_DROP, ranges, epoch=1, reason="bench")
         t_drop = time.monotonic()
         wait_until(lambda: min(len(s.tokens) for s in streams) >= 2 * phase_tokens, timeout=600)
-        exchanged = int(sum(_metric(a, "kunserve_kv_exchange_bytes_total") for a in agents))
-        calls = int(sum(_metric(a, "kunserve_remote_attention_calls_total", side="made") for a in agents))
+        exchanged = int(sum(metric(a, "kunserve_kv_exchange_bytes_total") for a in agents))
+        calls = int(sum(metric(a, "kunserve_remote_attention_calls_total", side="made") for a in agents))
         t_rprep = time.monotonic()
         restore = reconfigure(agents, agent_pb2.ACTION_RESTORE, ranges, epoch=2, reason="bench")
         t_restore = time.monotonic()
@@ -102,7 +94,7 @@ def run_group(model: Path, g: int, requests: int, phase_tokens: int, workdir: Pa
             s.wait(600)
             if s.error is not None:
                 raise RuntimeError(f"{s.request_id} failed: {s.error}")
-        restore_bytes = int(sum(_metric(a, "kunserve_kv_exchange_bytes_total") for a in agents)) - exchanged
+        restore_bytes = int(sum(metric(a, "kunserve_kv_exchange_bytes_total") for a in agents)) - exchanged
         start = min(s.times[0] for s in streams)
         end = max(s.times[-1] for s in streams)
         run = Run(

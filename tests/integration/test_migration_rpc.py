@@ -3,14 +3,13 @@ to another agent with their KV and the client's stream on the source goes on wit
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
-from kunserve.agent.group_client import Stream, status, wait_until
+from kunserve.agent.group_client import Stream, metric, status, wait_until
 from kunserve.rpc.v1 import inference_pb2, migration_pb2, migration_pb2_grpc
 from tests.integration.agent_process import AgentProcess, start_agent
 
@@ -45,7 +44,7 @@ def test_running_and_queued_requests_migrate_with_unchanged_tokens(agents: list[
     running = Stream(src, "run", PROMPT, PARAMS).start()
     wait_until(lambda: len(running.tokens) >= 10, timeout=60)
     queued = Stream(src, "queued", PROMPT, PARAMS).start()  # waits: "run" is the one running request
-    time.sleep(0.2)
+    wait_until(lambda: metric(src, "vllm:num_requests_waiting") == 1, timeout=60)
     moved = _migrate(src, dst, "run")
     assert 10 + len(PROMPT) - 1 <= moved.num_tokens < 400 + len(PROMPT) - 1 and moved.kv_bytes > 0
     moved_queued = _migrate(src, dst, "queued")
@@ -64,14 +63,20 @@ def test_unknown_request_and_full_target_are_refused(agents: list[AgentProcess])
     with pytest.raises(grpc.RpcError) as err:
         _migrate(src, dst, "nope")
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
-    filler = Stream(src, "fill", list(range(10, 430)), inference_pb2.SamplingParams(
-        max_tokens=15, temperature=0, ignore_eos=True)).start()  # 27 of the source's 28 blocks
-    big = Stream(dst, "big", PROMPT, PARAMS).start()
-    wait_until(lambda: len(filler.tokens) >= 1 and len(big.tokens) >= 5, timeout=60)
+    # "big" needs at least 13 blocks (200-token prompt); the filler holds 16 of the source's 28 blocks when it
+    # starts and 28 when it ends (240 + 200 tokens), so the source never has room for "big" while the filler
+    # decodes its 200 tokens, long after the refusal
+    big_prompt = [3 + (j * 11) % 250 for j in range(200)]
+    big = Stream(dst, "big", big_prompt, PARAMS).start()
+    wait_until(lambda: len(big.tokens) >= 5, timeout=60)
+    filler = Stream(src, "fill", list(range(10, 250)), inference_pb2.SamplingParams(
+        max_tokens=200, temperature=0, ignore_eos=True)).start()
+    wait_until(lambda: len(filler.tokens) >= 1, timeout=60)
     with pytest.raises(grpc.RpcError) as err:
         _migrate(dst, src, "big")
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert not filler.done.is_set(), "the filler must still hold the source's blocks after the refusal"
     for s in (filler, big):
         s.wait(120)
         assert s.error is None
-    assert big.tokens == Stream(dst, "ref2", PROMPT, PARAMS).start().wait(120).tokens  # it stayed, unchanged
+    assert big.tokens == Stream(dst, "ref2", big_prompt, PARAMS).start().wait(120).tokens  # it stayed, unchanged

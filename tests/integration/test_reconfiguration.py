@@ -10,31 +10,19 @@ from __future__ import annotations
 
 import random
 import shutil
-import urllib.request
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from kunserve.agent.engine.config import EngineConfig
 from kunserve.agent.engine.llm_engine import LLMEngine
 from kunserve.agent.engine.sequence import SamplingParams
 from kunserve.rpc.v1 import agent_pb2, inference_pb2
-from tests.integration.agent_process import AgentProcess, start_agent
-from tests.integration.group_driver import Stream, even_ranges, reconfigure, status, wait_until
+from tests.integration.agent_process import start_agent
+from tests.integration.group_driver import Stream, even_ranges, metric, reconfigure, status, wait_until
 
 BLOCKS = 64
 CHUNK = 8  # tokens per engine step: long prompts prefill over many steps
-
-
-def _metric(agent: AgentProcess, name: str, **labels: str) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{agent.metrics_port}/metrics", timeout=10).read().decode()
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
 
 
 def _prompts(seed: int, n: int, vocab: int) -> list[list[int]]:
@@ -76,31 +64,32 @@ def run_drop_restore(model_dir: Path, workdir: Path, g: int, sampled: bool, max_
         params = [_params(i, sampled, max_tokens) for i in range(len(prompts))]
         long = [i for i in range(initial) if len(prompts[i]) >= 200]
         streams = [Stream(agents[i % g], f"r{i}", prompts[i], params[i][0]) for i in range(initial)]
-        for i in range(initial):
-            if i not in long:
-                streams[i].start()
-        wait_until(lambda: sum(len(s.tokens) >= 2 for s in streams) >= initial // 3, timeout=120)
 
-        def start_long_prompts() -> None:
-            """Every member is prepared: the long prompts start now and the commit waits until each one is
-            admitted, so the drop lands while they prefill (CHUNK tokens per step, tens of steps each)."""
+        def put_requests_in_flight() -> None:
+            """Every member is prepared (Prepare's time is out of the window): the short prompts start and
+            decode, then the long prompts start and the commit waits until each one is admitted, so the drop
+            lands while they prefill (CHUNK tokens per step, tens of steps each) and the short ones decode."""
+            for i in range(initial):
+                if i not in long:
+                    streams[i].start()
+            wait_until(lambda: sum(len(s.tokens) >= 2 for s in streams) >= initial // 3, timeout=120)
             for i in long:
                 streams[i].start()
             for a in {streams[i].agent.agent_id: streams[i].agent for i in long}.values():
                 mine = [s for s in streams if s.agent is a and s.started]
-                wait_until(lambda a=a, mine=mine: _metric(a, "vllm:num_requests_running")
+                wait_until(lambda a=a, mine=mine: metric(a, "vllm:num_requests_running")
                            >= sum(not s.done.is_set() for s in mine), timeout=60)
 
         drop = reconfigure(agents, agent_pb2.ACTION_DROP, even_ranges(num_layers, g), epoch=1,
-                           before_commit=start_long_prompts)
+                           before_commit=put_requests_in_flight)
         assert [m.agent_id for m in drop.members] == [a.agent_id for a in agents]
         assert sum(m.requests_moved for m in drop.members) >= initial // 2
         assert all(s.role in (agent_pb2.ROLE_LEADER, agent_pb2.ROLE_STAGE) for s in map(status, agents))
-        assert _metric(agents[0], "kunserve_group_role", role="leader") == 1
-        assert _metric(agents[-1], "kunserve_group_role", role="stage") == 1
-        held = [_metric(a, "kunserve_layers_held") for a in agents]
+        assert metric(agents[0], "kunserve_group_role", role="leader") == 1
+        assert metric(agents[-1], "kunserve_group_role", role="stage") == 1
+        held = [metric(a, "kunserve_layers_held") for a in agents]
         assert held == [e - s for s, e in even_ranges(num_layers, g)]
-        assert _metric(agents[0], "kunserve_layers_dropped") == num_layers - held[0]
+        assert metric(agents[0], "kunserve_layers_dropped") == num_layers - held[0]
         decoding_at_drop = sum(bool(s.tokens) and not s.done.is_set() for s in streams)
         assert decoding_at_drop >= 1, "the drop must land while requests decode"
 
@@ -124,14 +113,14 @@ def run_drop_restore(model_dir: Path, workdir: Path, g: int, sampled: bool, max_
             assert s.error is None, f"{s.request_id}: {s.error}"
             assert s.tokens == want, f"{s.request_id}: tokens differ from the engine without reconfiguration"
         # The mechanisms ran: remote attention for requests from before the drop, then their KV moved.
-        assert sum(_metric(a, "kunserve_remote_attention_calls_total", side="made") for a in agents) > 0
-        assert sum(_metric(a, "kunserve_kv_exchange_bytes_total") for a in agents) > 0
+        assert sum(metric(a, "kunserve_remote_attention_calls_total", side="made") for a in agents) > 0
+        assert sum(metric(a, "kunserve_kv_exchange_bytes_total") for a in agents) > 0
         for a in agents:  # each agent's own account of what happened
-            assert _metric(a, "kunserve_drop_latency_seconds_count") == 1
-            assert _metric(a, "kunserve_restore_duration_seconds_count") == 1
-            assert _metric(a, "kunserve_group_epoch") == 2
-            assert _metric(a, "kunserve_group_role", role="replica") == 1
-            assert (_metric(a, "kunserve_layers_held"), _metric(a, "kunserve_layers_dropped")) == (num_layers, 0)
+            assert metric(a, "kunserve_drop_latency_seconds_count") == 1
+            assert metric(a, "kunserve_restore_duration_seconds_count") == 1
+            assert metric(a, "kunserve_group_epoch") == 2
+            assert metric(a, "kunserve_group_role", role="replica") == 1
+            assert (metric(a, "kunserve_layers_held"), metric(a, "kunserve_layers_dropped")) == (num_layers, 0)
         prefilling = sum(m.requests_prefilling for m in drop.members)
         assert prefilling >= 1, "the drop must land while a long prompt is still prefilling"
         for a in agents:  # every block back, the pool at its replica size, every layer held

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from kunserve.agent.launch import AgentProcess
 from kunserve.rpc.v1 import agent_pb2, agent_pb2_grpc, inference_pb2, inference_pb2_grpc
@@ -58,6 +60,13 @@ def reconfigure(agents: list[AgentProcess], action: int, ranges: list[tuple[int,
             except grpc.RpcError:
                 pass
         raise
+
+
+def metric(agent: AgentProcess, name: str, **labels: str) -> float:
+    """The sum of an agent's samples of `name` whose labels include `labels` (0 if it exports none)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{agent.metrics_port}/metrics", timeout=10).read().decode()
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
 def status(agent: AgentProcess) -> agent_pb2.StatusResponse:
