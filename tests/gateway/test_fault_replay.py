@@ -63,7 +63,7 @@ def fault_gateway(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory, redi
                   pair: list[AgentProcess]) -> Iterator[GatewayProcess]:
     publish(redis_server.client(), 1, pair)
     gw = start_gateway(tiny_dir, tmp_path_factory.mktemp("fault-gw"), "--pool", POOL, "--redis", redis_server.url,
-                       "--pressure-interval-ms", "100")
+                       "--pressure-interval-ms", "100", "--stale-after", "30")  # the victim is frozen a while
     yield gw
     gw.stop()
 
@@ -135,13 +135,14 @@ def test_sigkill_mid_stream_is_invisible_to_clients(fault_gateway: GatewayProces
     results, threads = _run_all(fault_gateway.base_url)
     for r in results:
         assert r.started.wait(60), "a stream did not start"
+    os.kill(victim.proc.pid, signal.SIGSTOP)  # frozen mid-stream: no stream can finish before the kill
     publish(redis, 3, [victim, survivor])
     wait_until(lambda: {r["id"]: r["health"] for r in _health(fault_gateway)["replicas"]}.get("survivor") == "up",
                10, what="survivor routable")
     assert all(r.finish_reason is None for r in results), "a stream finished before the kill"
     on_victim = {r["id"]: r["inflight"] for r in _health(fault_gateway)["replicas"]}["victim"]
     assert on_victim == len(REQUESTS)
-    os.kill(victim.proc.pid, signal.SIGKILL)
+    os.kill(victim.proc.pid, signal.SIGKILL)  # a stopped process is killed all the same
     for t in threads:
         t.join(120)
 
