@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import time
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +20,7 @@ from kunserve.agent.engine.llm_engine import LLMEngine
 from kunserve.agent.engine.sequence import SamplingParams
 from kunserve.rpc.v1 import agent_pb2, agent_pb2_grpc, inference_pb2, inference_pb2_grpc
 from tests.integration.agent_process import AgentProcess, start_agent
+from tests.integration.group_driver import metric
 
 PROMPTS = [[5, 6, 7], list(range(10, 40)), list(range(100, 117)), [42] * 9, list(range(300, 360)), [7, 8]]
 BLOCKS = 128
@@ -76,6 +78,8 @@ def test_abort_and_client_cancel_free_every_block(agent: AgentProcess) -> None:
     rest = list(stream)
     assert rest[-1].finish_reason == inference_pb2.FINISH_REASON_ABORT
     assert not stub.Abort(inference_pb2.AbortRequest(request_id="ab"), timeout=5).found
+    generated = metric(agent, "vllm:generation_tokens_total")
+    assert generated > 0  # "ab" made some: the counter is there
     cancelled = stub.Generate(_request("cx", PROMPTS[4], max_tokens=1900), timeout=60)
     next(cancelled)
     cancelled.cancel()
@@ -83,8 +87,11 @@ def test_abort_and_client_cancel_free_every_block(agent: AgentProcess) -> None:
         s = status.Status(agent_pb2.StatusRequest(), timeout=5)
         if s.kv_blocks_free == s.kv_blocks_total:
             break
-        __import__("time").sleep(0.05)
+        time.sleep(0.05)
     assert s.kv_blocks_free == s.kv_blocks_total == BLOCKS
+    # it was stopped, not left to finish: far fewer than its 1,900 tokens were made
+    assert metric(agent, "vllm:generation_tokens_total") - generated < 1000
+    assert not stub.Abort(inference_pb2.AbortRequest(request_id="cx"), timeout=5).found
 
 
 @pytest.mark.parametrize(
